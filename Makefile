@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with nothing but Python 3:
+#   make test   creates .venv, installs, builds the extension, runs the test suite
+#   make demo   the same set-up, then the main job available so far
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch/torchvision for this project's own environment (users bring theirs: setup.py says torch>=2.4).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+export MAX_JOBS ?= 2
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH_PINS) -r requirements-dev.txt
+	touch $@
+
+# Editable install: builds pyibp._C (C++ always, CUDA kernels when nvcc is found) into pyibp/.
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) benchmarks/bench_bounds.py --models tutorial-cnn
+
+bench: install
+	$(PY) benchmarks/bench_bounds.py
+
+clean:
+	rm -rf build $(VENV) *.egg-info pyibp/_C*.so

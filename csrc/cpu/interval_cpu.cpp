@@ -1,0 +1,303 @@
+// CPU kernels of the interval operators: single passes over memory with at::parallel_for,
+// written as plain restrict-qualified loops that the compiler vectorises.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "interval_products.h"
+
+namespace pyibp {
+namespace {
+
+constexpr int64_t kGrain = 16384;
+
+// Interval ReLU in centre-radius form: l = mu - r, u = mu + r, then relu both ends.
+template <typename T>
+inline void relu_center_radius(T m, T r, T* __restrict__ mu_out, T* __restrict__ rad_out) {
+  const T l = std::max(m - r, T(0));
+  const T u = std::max(m + r, T(0));
+  *mu_out = (l + u) * T(0.5);
+  *rad_out = (u - l) * T(0.5);
+}
+
+// In place on fresh product outputs: add the bias of channel c, then the interval ReLU.
+void bias_relu_epilogue(at::Tensor& mu, at::Tensor& rad, const std::optional<at::Tensor>& bias) {
+  const int64_t n = mu.numel();
+  const int64_t channels = mu.size(1), inner = inner_size(mu);
+  const bool channels_last = is_channels_last(mu);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_bias_relu_cpu", [&] {
+    scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
+    scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      if (b == nullptr) {
+        for (int64_t i = begin; i < end; ++i) relu_center_radius(m[i], r[i], m + i, r + i);
+        return;
+      }
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c = channels_last ? i % channels : (i / inner) % channels;
+        relu_center_radius(m[i] + b[c], r[i], m + i, r + i);
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> input_box_cpu(const at::Tensor& x_in, const at::Tensor& eps_in,
+                                                 double lower, double upper) {
+  PYIBP_CHECK_FLOAT(x_in);
+  TORCH_CHECK(x_in.dim() >= 1, "x must have a batch dimension, got a 0-d tensor");
+  PYIBP_CHECK_PER_EXAMPLE(eps_in, x_in.size(0));
+  TORCH_CHECK(lower <= upper, "lower (", lower, ") must be <= upper (", upper, ")");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor eps = eps_in.to(x.scalar_type()).contiguous();
+  at::Tensor mu = at::empty_like(x), rad = at::empty_like(x);
+  const int64_t n = x.numel(), per = per_example(x);
+  const bool shared_eps = eps.numel() == 1;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyibp_input_box_cpu", [&] {
+    const scalar_t* __restrict__ xp = x.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ ep = eps.data_ptr<scalar_t>();
+    scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
+    scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
+    const scalar_t lo = static_cast<scalar_t>(lower), hi = static_cast<scalar_t>(upper);
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t e = ep[shared_eps ? 0 : i / per];
+        const scalar_t l = std::max(xp[i] - e, lo), u = std::min(xp[i] + e, hi);
+        m[i] = (l + u) * scalar_t(0.5);
+        r[i] = (u - l) * scalar_t(0.5);
+      }
+    });
+  });
+  return {mu, rad};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_linear_cpu(const at::Tensor& mu, const at::Tensor& rad,
+                                                       const at::Tensor& weight,
+                                                       const at::Tensor& abs_weight,
+                                                       const std::optional<at::Tensor>& bias, bool relu) {
+  auto [m, r] = linear_products(mu, rad, weight, abs_weight, bias, !relu);
+  if (relu) bias_relu_epilogue(m, r, bias);
+  return {m, r};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_conv2d_cpu(
+    const at::Tensor& mu, const at::Tensor& rad, const at::Tensor& weight, const at::Tensor& abs_weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu) {
+  auto [m, r] = conv2d_products(mu, rad, weight, abs_weight, bias, stride, padding, dilation, groups, !relu);
+  if (relu) {
+    std::tie(m, r) = same_dense_layout(m, r);
+    bias_relu_epilogue(m, r, bias);
+  }
+  return {m, r};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_relu_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in) {
+  check_pair(mu_in, rad_in);
+  auto [mu, rad] = same_dense_layout(mu_in, rad_in);
+  at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_interval_relu_cpu", [&] {
+    const scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
+    scalar_t* __restrict__ mo = mu_out.data_ptr<scalar_t>();
+    scalar_t* __restrict__ ro = rad_out.data_ptr<scalar_t>();
+    at::parallel_for(0, mu.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) relu_center_radius(m[i], r[i], mo + i, ro + i);
+    });
+  });
+  return {mu_out, rad_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cpu(const at::Tensor& grad_mu_in,
+                                                              const at::Tensor& grad_rad_in,
+                                                              const at::Tensor& out_mu_in,
+                                                              const at::Tensor& out_rad_in) {
+  check_pair(out_mu_in, out_rad_in);
+  check_pair(grad_mu_in, grad_rad_in);
+  PYIBP_CHECK_SAME_SHAPE(grad_mu_in, out_mu_in);
+  const at::Tensor gm = grad_mu_in.contiguous(), gr = grad_rad_in.contiguous();
+  const at::Tensor om = out_mu_in.contiguous(), orad = out_rad_in.contiguous();
+  at::Tensor grad_mu = at::empty_like(gm), grad_rad = at::empty_like(gr);
+  AT_DISPATCH_FLOATING_TYPES(gm.scalar_type(), "pyibp_interval_relu_backward_cpu", [&] {
+    const scalar_t* __restrict__ gmp = gm.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ grp = gr.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ m = om.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ r = orad.data_ptr<scalar_t>();
+    scalar_t* __restrict__ gmo = grad_mu.data_ptr<scalar_t>();
+    scalar_t* __restrict__ gro = grad_rad.data_ptr<scalar_t>();
+    at::parallel_for(0, gm.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        // relu(l) > 0 exactly when l > 0, so the outputs carry the activation pattern.
+        const scalar_t gl = (m[i] - r[i] > 0) ? (gmp[i] - grp[i]) * scalar_t(0.5) : scalar_t(0);
+        const scalar_t gu = (m[i] + r[i] > 0) ? (gmp[i] + grp[i]) * scalar_t(0.5) : scalar_t(0);
+        gmo[i] = gl + gu;
+        gro[i] = gu - gl;
+      }
+    });
+  });
+  return {grad_mu, grad_rad};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_affine_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in,
+                                                       const at::Tensor& scale_in,
+                                                       const at::Tensor& shift_in) {
+  check_pair(mu_in, rad_in);
+  TORCH_CHECK(mu_in.dim() >= 2, "mu must have shape (B, C, ...), got ", mu_in.sizes());
+  const int64_t channels = mu_in.size(1);
+  TORCH_CHECK(scale_in.numel() == channels && shift_in.numel() == channels, "scale and shift must "
+              "hold one value per channel (", channels, "), got ", scale_in.sizes(), " and ",
+              shift_in.sizes());
+  auto [mu, rad] = same_dense_layout(mu_in, rad_in);
+  const at::Tensor scale = scale_in.to(mu.scalar_type()).contiguous();
+  const at::Tensor shift = shift_in.to(mu.scalar_type()).contiguous();
+  at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
+  const int64_t inner = inner_size(mu);
+  const bool channels_last = is_channels_last(mu);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_interval_affine_cpu", [&] {
+    const scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ s = scale.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ t = shift.data_ptr<scalar_t>();
+    scalar_t* __restrict__ mo = mu_out.data_ptr<scalar_t>();
+    scalar_t* __restrict__ ro = rad_out.data_ptr<scalar_t>();
+    at::parallel_for(0, mu.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c = channels_last ? i % channels : (i / inner) % channels;
+        mo[i] = m[i] * s[c] + t[c];
+        ro[i] = r[i] * std::abs(s[c]);
+      }
+    });
+  });
+  return {mu_out, rad_out};
+}
+
+// The conversions between (lower, upper) and (mu, rad) share one loop.
+template <bool kToInterval>
+std::tuple<at::Tensor, at::Tensor> convert_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
+  check_pair(a_in, b_in);
+  auto [a, b] = same_dense_layout(a_in, b_in);
+  at::Tensor first = at::empty_like(a), second = at::empty_like(b);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pyibp_convert_cpu", [&] {
+    const scalar_t* __restrict__ ap = a.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ bp = b.data_ptr<scalar_t>();
+    scalar_t* __restrict__ fo = first.data_ptr<scalar_t>();
+    scalar_t* __restrict__ so = second.data_ptr<scalar_t>();
+    at::parallel_for(0, a.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if constexpr (kToInterval) {  // (mu, rad) -> (lower, upper)
+          fo[i] = ap[i] - bp[i];
+          so[i] = ap[i] + bp[i];
+        } else {  // (lower, upper) -> (mu, rad)
+          fo[i] = (ap[i] + bp[i]) * scalar_t(0.5);
+          so[i] = (bp[i] - ap[i]) * scalar_t(0.5);
+        }
+      }
+    });
+  });
+  return {first, second};
+}
+
+at::Tensor margin_elision_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in, const at::Tensor& weight_in,
+                              const std::optional<at::Tensor>& bias_in, const at::Tensor& labels_in) {
+  check_pair(mu_in, rad_in);
+  PYIBP_CHECK_DIM(mu_in, 2);
+  PYIBP_CHECK_DIM(weight_in, 2);
+  PYIBP_CHECK_SAME_DTYPE(mu_in, weight_in);
+  TORCH_CHECK(mu_in.size(1) == weight_in.size(1), "mu has ", mu_in.size(1),
+              " features but weight expects ", weight_in.size(1));
+  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == mu_in.size(0), "labels must have shape (",
+              mu_in.size(0), ",), got ", labels_in.sizes());
+  TORCH_CHECK(!at::isFloatingType(labels_in.scalar_type()), "labels must be integers, got ",
+              labels_in.scalar_type());
+  const int64_t B = mu_in.size(0), F = mu_in.size(1), K = weight_in.size(0);
+  const at::Tensor mu = mu_in.contiguous(), rad = rad_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  if (B > 0) {
+    const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < K, "labels must lie in [0, ", K, "), got values in [", lo, ", ", hi, "]");
+  }
+  const at::Tensor bias = bias_in.has_value() ? bias_in->to(mu.scalar_type()).contiguous()
+                                              : at::zeros({K}, mu.options());
+  at::Tensor out = at::empty({B, K}, mu.options());
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_margin_elision_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* r = rad.data_ptr<scalar_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.data_ptr<scalar_t>();
+    const int64_t* y = labels.data_ptr<int64_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * K, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t bj = begin; bj < end; ++bj) {
+        const int64_t b = bj / K, j = bj % K, yb = y[b];
+        if (j == yb) {
+          o[bj] = scalar_t(0);
+          continue;
+        }
+        const scalar_t* wy = w + yb * F;
+        const scalar_t* wj = w + j * F;
+        const scalar_t* mb = m + b * F;
+        const scalar_t* rb = r + b * F;
+        acc_t acc = acc_t(bp[yb]) - acc_t(bp[j]);
+        for (int64_t f = 0; f < F; ++f) {
+          const acc_t d = acc_t(wy[f]) - acc_t(wj[f]);
+          acc += d * acc_t(mb[f]) - std::abs(d) * acc_t(rb[f]);
+        }
+        o[bj] = static_cast<scalar_t>(acc);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cpu(const at::Tensor& lower_in,
+                                                                   const at::Tensor& upper_in) {
+  check_pair(lower_in, upper_in);
+  auto [lower, upper] = same_dense_layout(lower_in, upper_in);
+  at::Tensor lower_slope = at::empty_like(lower), upper_slope = at::empty_like(lower),
+             upper_intercept = at::empty_like(lower);
+  AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "pyibp_relu_relaxation_cpu", [&] {
+    const scalar_t* __restrict__ l = lower.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ u = upper.data_ptr<scalar_t>();
+    scalar_t* __restrict__ ls = lower_slope.data_ptr<scalar_t>();
+    scalar_t* __restrict__ us = upper_slope.data_ptr<scalar_t>();
+    scalar_t* __restrict__ ui = upper_intercept.data_ptr<scalar_t>();
+    at::parallel_for(0, lower.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t li = l[i], ui_ = u[i];
+        if (ui_ <= 0) {  // inactive
+          ls[i] = us[i] = ui[i] = scalar_t(0);
+        } else if (li >= 0) {  // active
+          ls[i] = us[i] = scalar_t(1);
+          ui[i] = scalar_t(0);
+        } else {  // unstable: chord above, adaptive 0/1 slope below (CROWN-IBP)
+          const scalar_t s = ui_ / (ui_ - li);
+          us[i] = s;
+          ui[i] = -s * li;
+          ls[i] = ui_ > -li ? scalar_t(1) : scalar_t(0);
+        }
+      }
+    });
+  });
+  return {lower_slope, upper_slope, upper_intercept};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyibp, CPU, m) {
+  m.impl("input_box", &input_box_cpu);
+  m.impl("interval_linear", &interval_linear_cpu);
+  m.impl("interval_conv2d", &interval_conv2d_cpu);
+  m.impl("interval_relu", &interval_relu_cpu);
+  m.impl("interval_relu_backward", &interval_relu_backward_cpu);
+  m.impl("interval_affine", &interval_affine_cpu);
+  m.impl("center_to_interval", &convert_cpu<true>);
+  m.impl("interval_to_center", &convert_cpu<false>);
+  m.impl("margin_elision", &margin_elision_cpu);
+  m.impl("relu_relaxation", &relu_relaxation_cpu);
+}
+
+}  // namespace pyibp

@@ -1,0 +1,120 @@
+// CPU kernels of the fused PGD updates. The l-inf step is one pass over memory; the l2 step
+// needs the per-example norms of the gradient and of the stepped delta, so it is a pass, a
+// norm, and a pass.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "pgd_common.h"
+
+namespace pyibp {
+namespace {
+
+constexpr int64_t kGrain = 16384;
+
+// Runs `body(contiguous delta)` and writes the result back when delta was not contiguous.
+template <typename Body>
+void in_place(at::Tensor& delta, const Body& body) {
+  if (delta.is_contiguous()) {
+    body(delta);
+    return;
+  }
+  at::Tensor work = delta.contiguous();
+  body(work);
+  delta.copy_(work);
+}
+
+// Per-example parameter as a contiguous double vector on the CPU (one value, or B values).
+at::Tensor per_example_values(const at::Tensor& p) { return p.to(at::kDouble).contiguous(); }
+
+void pgd_linf_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& x_in,
+                       const at::Tensor& eps_in, const at::Tensor& alpha_in, double lower, double upper) {
+  check_pgd_args(delta, grad_in, x_in, eps_in, alpha_in, lower, upper);
+  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor eps = per_example_values(eps_in), alpha = per_example_values(alpha_in);
+  const int64_t per = per_example(delta);
+  in_place(delta, [&](at::Tensor& d) {
+    AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pyibp_pgd_linf_step_cpu", [&] {
+      scalar_t* __restrict__ dp = d.data_ptr<scalar_t>();
+      const scalar_t* __restrict__ gp = grad.data_ptr<scalar_t>();
+      const scalar_t* __restrict__ xp = x.data_ptr<scalar_t>();
+      const double* ep = eps.data_ptr<double>();
+      const double* ap = alpha.data_ptr<double>();
+      const bool shared_eps = eps.numel() == 1, shared_alpha = alpha.numel() == 1;
+      const scalar_t lo = static_cast<scalar_t>(lower), hi = static_cast<scalar_t>(upper);
+      at::parallel_for(0, d.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / per;
+          const scalar_t e = static_cast<scalar_t>(ep[shared_eps ? 0 : b]);
+          const scalar_t a = static_cast<scalar_t>(ap[shared_alpha ? 0 : b]);
+          const scalar_t g = gp[i];
+          const scalar_t sign = scalar_t((g > 0) - (g < 0));
+          scalar_t v = std::clamp(dp[i] + a * sign, -e, e);
+          v = std::clamp(v, lo - xp[i], hi - xp[i]);
+          dp[i] = project_exact<scalar_t, scalar_t>(v, xp[i], e, lo, hi);
+        }
+      });
+    });
+  });
+}
+
+void pgd_l2_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& x_in,
+                     const at::Tensor& eps_in, const at::Tensor& alpha_in, double lower, double upper) {
+  check_pgd_args(delta, grad_in, x_in, eps_in, alpha_in, lower, upper);
+  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor eps = per_example_values(eps_in), alpha = per_example_values(alpha_in);
+  const int64_t B = delta.size(0), per = per_example(delta);
+  if (delta.numel() == 0) return;
+  auto norms = [&](const at::Tensor& t) {  // per-example l2 norms, accumulated in double
+    return at::linalg_vector_norm(t.reshape({B, per}), 2, {1}, false, at::kDouble).contiguous();
+  };
+  const at::Tensor grad_norm = norms(grad);
+  in_place(delta, [&](at::Tensor& d) {
+    AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pyibp_pgd_l2_step_cpu", [&] {
+      scalar_t* __restrict__ dp = d.data_ptr<scalar_t>();
+      const scalar_t* __restrict__ gp = grad.data_ptr<scalar_t>();
+      const scalar_t* __restrict__ xp = x.data_ptr<scalar_t>();
+      const double* ep = eps.data_ptr<double>();
+      const double* ap = alpha.data_ptr<double>();
+      const double* gn = grad_norm.data_ptr<double>();
+      const bool shared_eps = eps.numel() == 1, shared_alpha = alpha.numel() == 1;
+      at::parallel_for(0, d.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / per;
+          const double a = ap[shared_alpha ? 0 : b];
+          // A zero gradient leaves delta where it is.
+          const double step = gn[b] > 0 ? a / gn[b] : 0.0;
+          dp[i] = static_cast<scalar_t>(double(dp[i]) + step * double(gp[i]));
+        }
+      });
+      const at::Tensor delta_norm = norms(d);
+      const double* dn = delta_norm.data_ptr<double>();
+      // Shrink the projection by a few ulps so the rounded result stays inside the ball.
+      const double shrink = 1.0 - 4.0 * double(std::numeric_limits<scalar_t>::epsilon());
+      at::parallel_for(0, d.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / per;
+          const double e = ep[shared_eps ? 0 : b];
+          const double f = dn[b] > e ? shrink * e / dn[b] : 1.0;
+          double v = double(dp[i]) * f;
+          v = std::clamp(v, lower - double(xp[i]), upper - double(xp[i]));
+          // Each coordinate only moved towards zero, so |v_i| <= e holds coordinate-wise too.
+          dp[i] = project_exact<scalar_t, double>(v, xp[i], std::numeric_limits<double>::infinity(),
+                                                  lower, upper);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyibp, CPU, m) {
+  m.impl("pgd_linf_step_", &pgd_linf_step_cpu);
+  m.impl("pgd_l2_step_", &pgd_l2_step_cpu);
+}
+
+}  // namespace pyibp

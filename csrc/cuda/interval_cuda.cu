@@ -1,0 +1,316 @@
+// CUDA kernels of the interval operators, the same operators as csrc/cpu/interval_cpu.cpp.
+// Reduced precision (half, bfloat16) is computed in float and stored back.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "interval_products.h"
+#include "pointwise.cuh"
+
+namespace pyibp {
+namespace {
+
+#define PYIBP_DISPATCH(type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void relu_center_radius(acc_t m, acc_t r, T* mu_out, T* rad_out) {
+  const acc_t l = m - r > acc_t(0) ? m - r : acc_t(0);
+  const acc_t u = m + r > acc_t(0) ? m + r : acc_t(0);
+  *mu_out = static_cast<T>((l + u) * acc_t(0.5));
+  *rad_out = static_cast<T>((u - l) * acc_t(0.5));
+}
+
+void bias_relu_epilogue(at::Tensor& mu, at::Tensor& rad, const std::optional<at::Tensor>& bias) {
+  const int64_t channels = mu.size(1), inner = inner_size(mu);
+  const bool channels_last = is_channels_last(mu);
+  PYIBP_DISPATCH(mu.scalar_type(), "pyibp_bias_relu_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* m = mu.data_ptr<scalar_t>();
+    scalar_t* r = rad.data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    launch_pointwise(mu.numel(), [=] __device__(int64_t i) {
+      acc_t mi = static_cast<acc_t>(m[i]);
+      if (b != nullptr) mi += static_cast<acc_t>(b[channels_last ? i % channels : (i / inner) % channels]);
+      relu_center_radius<scalar_t, acc_t>(mi, static_cast<acc_t>(r[i]), m + i, r + i);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> input_box_cuda(const at::Tensor& x_in, const at::Tensor& eps_in,
+                                                  double lower, double upper) {
+  PYIBP_CHECK_FLOAT(x_in);
+  TORCH_CHECK(x_in.dim() >= 1, "x must have a batch dimension, got a 0-d tensor");
+  PYIBP_CHECK_PER_EXAMPLE(eps_in, x_in.size(0));
+  TORCH_CHECK(lower <= upper, "lower (", lower, ") must be <= upper (", upper, ")");
+  const at::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor eps = eps_in.to(x.device(), at::kFloat).contiguous();
+  at::Tensor mu = at::empty_like(x), rad = at::empty_like(x);
+  const int64_t per = per_example(x);
+  const bool shared_eps = eps.numel() == 1;
+  PYIBP_DISPATCH(x.scalar_type(), "pyibp_input_box_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const float* ep = eps.data_ptr<float>();
+    scalar_t* m = mu.data_ptr<scalar_t>();
+    scalar_t* r = rad.data_ptr<scalar_t>();
+    const acc_t lo = static_cast<acc_t>(lower), hi = static_cast<acc_t>(upper);
+    launch_pointwise(x.numel(), [=] __device__(int64_t i) {
+      const acc_t e = static_cast<acc_t>(ep[shared_eps ? 0 : i / per]);
+      const acc_t xi = static_cast<acc_t>(xp[i]);
+      const acc_t l = xi - e > lo ? xi - e : lo;
+      const acc_t u = xi + e < hi ? xi + e : hi;
+      m[i] = static_cast<scalar_t>((l + u) * acc_t(0.5));
+      r[i] = static_cast<scalar_t>((u - l) * acc_t(0.5));
+    });
+  });
+  return {mu, rad};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_linear_cuda(const at::Tensor& mu, const at::Tensor& rad,
+                                                        const at::Tensor& weight,
+                                                        const at::Tensor& abs_weight,
+                                                        const std::optional<at::Tensor>& bias, bool relu) {
+  const at::cuda::OptionalCUDAGuard guard(mu.device());
+  auto [m, r] = linear_products(mu, rad, weight, abs_weight, bias, !relu);
+  if (relu) bias_relu_epilogue(m, r, bias);
+  return {m, r};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_conv2d_cuda(
+    const at::Tensor& mu, const at::Tensor& rad, const at::Tensor& weight, const at::Tensor& abs_weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const at::cuda::OptionalCUDAGuard guard(mu.device());
+  auto [m, r] = conv2d_products(mu, rad, weight, abs_weight, bias, stride, padding, dilation, groups, !relu);
+  if (relu) {
+    std::tie(m, r) = same_dense_layout(m, r);
+    bias_relu_epilogue(m, r, bias);
+  }
+  return {m, r};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_relu_cuda(const at::Tensor& mu_in, const at::Tensor& rad_in) {
+  check_pair(mu_in, rad_in);
+  const at::cuda::OptionalCUDAGuard guard(mu_in.device());
+  auto [mu, rad] = same_dense_layout(mu_in, rad_in);
+  at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
+  PYIBP_DISPATCH(mu.scalar_type(), "pyibp_interval_relu_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* r = rad.data_ptr<scalar_t>();
+    scalar_t* mo = mu_out.data_ptr<scalar_t>();
+    scalar_t* ro = rad_out.data_ptr<scalar_t>();
+    launch_pointwise(mu.numel(), [=] __device__(int64_t i) {
+      relu_center_radius<scalar_t, acc_t>(static_cast<acc_t>(m[i]), static_cast<acc_t>(r[i]), mo + i, ro + i);
+    });
+  });
+  return {mu_out, rad_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cuda(const at::Tensor& grad_mu_in,
+                                                               const at::Tensor& grad_rad_in,
+                                                               const at::Tensor& out_mu_in,
+                                                               const at::Tensor& out_rad_in) {
+  check_pair(out_mu_in, out_rad_in);
+  check_pair(grad_mu_in, grad_rad_in);
+  PYIBP_CHECK_SAME_SHAPE(grad_mu_in, out_mu_in);
+  const at::cuda::OptionalCUDAGuard guard(grad_mu_in.device());
+  const at::Tensor gm = grad_mu_in.contiguous(), gr = grad_rad_in.contiguous();
+  const at::Tensor om = out_mu_in.contiguous(), orad = out_rad_in.contiguous();
+  at::Tensor grad_mu = at::empty_like(gm), grad_rad = at::empty_like(gr);
+  PYIBP_DISPATCH(gm.scalar_type(), "pyibp_interval_relu_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gmp = gm.data_ptr<scalar_t>();
+    const scalar_t* grp = gr.data_ptr<scalar_t>();
+    const scalar_t* m = om.data_ptr<scalar_t>();
+    const scalar_t* r = orad.data_ptr<scalar_t>();
+    scalar_t* gmo = grad_mu.data_ptr<scalar_t>();
+    scalar_t* gro = grad_rad.data_ptr<scalar_t>();
+    launch_pointwise(gm.numel(), [=] __device__(int64_t i) {
+      const acc_t mi = static_cast<acc_t>(m[i]), ri = static_cast<acc_t>(r[i]);
+      const acc_t g_m = static_cast<acc_t>(gmp[i]), g_r = static_cast<acc_t>(grp[i]);
+      // relu(l) > 0 exactly when l > 0, so the outputs carry the activation pattern.
+      const acc_t gl = mi - ri > acc_t(0) ? (g_m - g_r) * acc_t(0.5) : acc_t(0);
+      const acc_t gu = mi + ri > acc_t(0) ? (g_m + g_r) * acc_t(0.5) : acc_t(0);
+      gmo[i] = static_cast<scalar_t>(gl + gu);
+      gro[i] = static_cast<scalar_t>(gu - gl);
+    });
+  });
+  return {grad_mu, grad_rad};
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_affine_cuda(const at::Tensor& mu_in, const at::Tensor& rad_in,
+                                                        const at::Tensor& scale_in,
+                                                        const at::Tensor& shift_in) {
+  check_pair(mu_in, rad_in);
+  TORCH_CHECK(mu_in.dim() >= 2, "mu must have shape (B, C, ...), got ", mu_in.sizes());
+  const int64_t channels = mu_in.size(1);
+  TORCH_CHECK(scale_in.numel() == channels && shift_in.numel() == channels, "scale and shift must "
+              "hold one value per channel (", channels, "), got ", scale_in.sizes(), " and ",
+              shift_in.sizes());
+  const at::cuda::OptionalCUDAGuard guard(mu_in.device());
+  auto [mu, rad] = same_dense_layout(mu_in, rad_in);
+  const at::Tensor scale = scale_in.to(mu.scalar_type()).contiguous();
+  const at::Tensor shift = shift_in.to(mu.scalar_type()).contiguous();
+  at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
+  const int64_t inner = inner_size(mu);
+  const bool channels_last = is_channels_last(mu);
+  PYIBP_DISPATCH(mu.scalar_type(), "pyibp_interval_affine_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* r = rad.data_ptr<scalar_t>();
+    const scalar_t* s = scale.data_ptr<scalar_t>();
+    const scalar_t* t = shift.data_ptr<scalar_t>();
+    scalar_t* mo = mu_out.data_ptr<scalar_t>();
+    scalar_t* ro = rad_out.data_ptr<scalar_t>();
+    launch_pointwise(mu.numel(), [=] __device__(int64_t i) {
+      const int64_t c = channels_last ? i % channels : (i / inner) % channels;
+      const acc_t sc = static_cast<acc_t>(s[c]);
+      mo[i] = static_cast<scalar_t>(static_cast<acc_t>(m[i]) * sc + static_cast<acc_t>(t[c]));
+      ro[i] = static_cast<scalar_t>(static_cast<acc_t>(r[i]) * (sc < acc_t(0) ? -sc : sc));
+    });
+  });
+  return {mu_out, rad_out};
+}
+
+// The conversions between (lower, upper) and (mu, rad) share one kernel.
+template <bool kToInterval>
+std::tuple<at::Tensor, at::Tensor> convert_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
+  check_pair(a_in, b_in);
+  const at::cuda::OptionalCUDAGuard guard(a_in.device());
+  auto [a, b] = same_dense_layout(a_in, b_in);
+  at::Tensor first = at::empty_like(a), second = at::empty_like(b);
+  PYIBP_DISPATCH(a.scalar_type(), "pyibp_convert_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    scalar_t* fo = first.data_ptr<scalar_t>();
+    scalar_t* so = second.data_ptr<scalar_t>();
+    launch_pointwise(a.numel(), [=] __device__(int64_t i) {
+      const acc_t x = static_cast<acc_t>(ap[i]), y = static_cast<acc_t>(bp[i]);
+      if (kToInterval) {  // a plain if: nvcc rejects constexpr-if in extended lambdas
+        fo[i] = static_cast<scalar_t>(x - y);
+        so[i] = static_cast<scalar_t>(x + y);
+      } else {
+        fo[i] = static_cast<scalar_t>((x + y) * acc_t(0.5));
+        so[i] = static_cast<scalar_t>((y - x) * acc_t(0.5));
+      }
+    });
+  });
+  return {first, second};
+}
+
+// One block per example, one warp per class j at a time, lanes striding over features.
+template <typename scalar_t, typename acc_t>
+__global__ void margin_elision_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ rad,
+                                      const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                                      const int64_t* __restrict__ labels, scalar_t* __restrict__ out,
+                                      int64_t F, int64_t K) {
+  const int64_t b = blockIdx.x;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t y = labels[b];
+  const scalar_t* wy = weight + y * F;
+  const scalar_t* m = mu + b * F;
+  const scalar_t* r = rad + b * F;
+  for (int64_t j = warp; j < K; j += warps) {
+    const scalar_t* wj = weight + j * F;
+    acc_t acc = 0;
+    if (j != y) {
+      for (int64_t f = lane; f < F; f += 32) {
+        const acc_t d = static_cast<acc_t>(wy[f]) - static_cast<acc_t>(wj[f]);
+        acc += d * static_cast<acc_t>(m[f]) - (d < acc_t(0) ? -d : d) * static_cast<acc_t>(r[f]);
+      }
+    }
+    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffff, acc, offset);
+    if (lane == 0) {
+      out[b * K + j] = j == y ? scalar_t(0)
+                              : static_cast<scalar_t>(acc + static_cast<acc_t>(bias[y]) -
+                                                      static_cast<acc_t>(bias[j]));
+    }
+  }
+}
+
+at::Tensor margin_elision_cuda(const at::Tensor& mu_in, const at::Tensor& rad_in, const at::Tensor& weight_in,
+                               const std::optional<at::Tensor>& bias_in, const at::Tensor& labels_in) {
+  check_pair(mu_in, rad_in);
+  PYIBP_CHECK_DIM(mu_in, 2);
+  PYIBP_CHECK_DIM(weight_in, 2);
+  PYIBP_CHECK_SAME_DTYPE(mu_in, weight_in);
+  PYIBP_CHECK_SAME_DEVICE(mu_in, weight_in);
+  PYIBP_CHECK_SAME_DEVICE(mu_in, labels_in);
+  TORCH_CHECK(mu_in.size(1) == weight_in.size(1), "mu has ", mu_in.size(1),
+              " features but weight expects ", weight_in.size(1));
+  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == mu_in.size(0), "labels must have shape (",
+              mu_in.size(0), ",), got ", labels_in.sizes());
+  TORCH_CHECK(!at::isFloatingType(labels_in.scalar_type()), "labels must be integers, got ",
+              labels_in.scalar_type());
+  const at::cuda::OptionalCUDAGuard guard(mu_in.device());
+  const int64_t B = mu_in.size(0), F = mu_in.size(1), K = weight_in.size(0);
+  const at::Tensor mu = mu_in.contiguous(), rad = rad_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  // Labels are range-checked by the Python API; checking here would synchronise the stream.
+  const at::Tensor bias = bias_in.has_value() ? bias_in->to(mu.scalar_type()).contiguous()
+                                              : at::zeros({K}, mu.options());
+  at::Tensor out = at::empty({B, K}, mu.options());
+  if (B == 0 || K == 0) return out;
+  PYIBP_DISPATCH(mu.scalar_type(), "pyibp_margin_elision_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    margin_elision_kernel<scalar_t, acc_t><<<B, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        mu.data_ptr<scalar_t>(), rad.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+        bias.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), F, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cuda(const at::Tensor& lower_in,
+                                                                    const at::Tensor& upper_in) {
+  check_pair(lower_in, upper_in);
+  const at::cuda::OptionalCUDAGuard guard(lower_in.device());
+  auto [lower, upper] = same_dense_layout(lower_in, upper_in);
+  at::Tensor lower_slope = at::empty_like(lower), upper_slope = at::empty_like(lower),
+             upper_intercept = at::empty_like(lower);
+  PYIBP_DISPATCH(lower.scalar_type(), "pyibp_relu_relaxation_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* l = lower.data_ptr<scalar_t>();
+    const scalar_t* u = upper.data_ptr<scalar_t>();
+    scalar_t* ls = lower_slope.data_ptr<scalar_t>();
+    scalar_t* us = upper_slope.data_ptr<scalar_t>();
+    scalar_t* ui = upper_intercept.data_ptr<scalar_t>();
+    launch_pointwise(lower.numel(), [=] __device__(int64_t i) {
+      const acc_t li = static_cast<acc_t>(l[i]), uu = static_cast<acc_t>(u[i]);
+      acc_t s_l = 0, s_u = 0, b_u = 0;
+      if (li >= acc_t(0) && uu > acc_t(0)) {
+        s_l = s_u = 1;
+      } else if (uu > acc_t(0)) {
+        s_u = uu / (uu - li);
+        b_u = -s_u * li;
+        s_l = uu > -li ? acc_t(1) : acc_t(0);
+      }
+      ls[i] = static_cast<scalar_t>(s_l);
+      us[i] = static_cast<scalar_t>(s_u);
+      ui[i] = static_cast<scalar_t>(b_u);
+    });
+  });
+  return {lower_slope, upper_slope, upper_intercept};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyibp, CUDA, m) {
+  m.impl("input_box", &input_box_cuda);
+  m.impl("interval_linear", &interval_linear_cuda);
+  m.impl("interval_conv2d", &interval_conv2d_cuda);
+  m.impl("interval_relu", &interval_relu_cuda);
+  m.impl("interval_relu_backward", &interval_relu_backward_cuda);
+  m.impl("interval_affine", &interval_affine_cuda);
+  m.impl("center_to_interval", &convert_cuda<true>);
+  m.impl("interval_to_center", &convert_cuda<false>);
+  m.impl("margin_elision", &margin_elision_cuda);
+  m.impl("relu_relaxation", &relu_relaxation_cuda);
+}
+
+}  // namespace pyibp

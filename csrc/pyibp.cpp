@@ -1,0 +1,39 @@
+// Every operator schema of pyibp, and the stub that makes `import pyibp._C` load this library.
+// Kernels register themselves per backend at the end of csrc/cpu/*.cpp and csrc/cuda/*.cu;
+// autograd formulas and fake (meta) implementations live beside the wrappers in pyibp/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pyibp, m) {
+  // (mu, rad) of the box x ± eps intersected with [lower, upper]; eps is per example (B,) or one value.
+  m.def("input_box(Tensor x, Tensor eps, float lower, float upper) -> (Tensor, Tensor)");
+  // mu' = W mu + b, rad' = |W| rad; with relu=True the interval ReLU is applied in the same epilogue.
+  m.def("interval_linear(Tensor mu, Tensor rad, Tensor weight, Tensor abs_weight, Tensor? bias, "
+        "bool relu) -> (Tensor, Tensor)");
+  m.def("interval_conv2d(Tensor mu, Tensor rad, Tensor weight, Tensor abs_weight, Tensor? bias, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> (Tensor, Tensor)");
+  m.def("interval_relu(Tensor mu, Tensor rad) -> (Tensor, Tensor)");
+  // Gradient of the interval ReLU given its *outputs* (the activation pattern is recoverable from them).
+  m.def("interval_relu_backward(Tensor grad_mu, Tensor grad_rad, Tensor out_mu, Tensor out_rad) "
+        "-> (Tensor, Tensor)");
+  // Per-channel (dim 1) affine map: mu' = mu * scale + shift, rad' = rad * |scale|.
+  m.def("interval_affine(Tensor mu, Tensor rad, Tensor scale, Tensor shift) -> (Tensor, Tensor)");
+  m.def("center_to_interval(Tensor mu, Tensor rad) -> (Tensor, Tensor)");
+  m.def("interval_to_center(Tensor lower, Tensor upper) -> (Tensor, Tensor)");
+  // Lower bounds of logit_y - logit_j through the last Linear, without forming C W.
+  m.def("margin_elision(Tensor mu, Tensor rad, Tensor weight, Tensor? bias, Tensor labels) -> Tensor");
+  // CROWN ReLU relaxation from pre-activation bounds: (lower slope, upper slope, upper intercept).
+  m.def("relu_relaxation(Tensor lower, Tensor upper) -> (Tensor, Tensor, Tensor)");
+  // In-place PGD updates, projected onto the eps-ball around x and the domain [lower, upper].
+  m.def("pgd_linf_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor alpha, "
+        "float lower, float upper) -> ()");
+  m.def("pgd_l2_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor alpha, "
+        "float lower, float upper) -> ()");
+}

@@ -1,0 +1,15 @@
+"""pyibp: fast interval bound propagation, attacks and certified training for PyTorch.
+
+The public API::
+
+    lb, ub = pyibp.interval_bounds(model, x, eps)          # bounds on every logit
+    margins = pyibp.margin_bounds(model, x, y, eps)        # lower bounds of logit_y - logit_j
+"""
+from . import nn, ops
+from .bounds import interval_bounds, margin_bounds
+from .layers import SUPPORTED_LAYERS, flatten_layers
+
+__version__ = "0.1.0"
+
+__all__ = ["interval_bounds", "margin_bounds", "flatten_layers", "SUPPORTED_LAYERS", "nn", "ops",
+           "__version__"]

@@ -1,0 +1,498 @@
+"""Typed wrappers over the C++/CUDA operators ``torch.ops.pyibp.*``.
+
+Each wrapper states what it equals in plain PyTorch; the readable twin of every operator is in
+:mod:`pyibp.reference`. Beside each wrapper are its fake (meta) implementation, used by
+``torch.compile`` and ``torch.library.opcheck``, and its autograd formula.
+
+Interval tensors are carried in centre-radius form ``(mu, rad)``: the box ``[mu - rad, mu + rad]``.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the operator library)
+
+__all__ = [
+    "input_box", "interval_linear", "interval_conv2d", "interval_relu", "interval_affine",
+    "center_to_interval", "interval_to_center", "margin_elision", "relu_relaxation",
+    "pgd_linf_step_", "pgd_l2_step_", "abs_weight",
+]
+
+_ops = torch.ops.pyibp
+Pair = Tuple[Tensor, Tensor]
+
+
+def _dense_like(a: Tensor, b: Tensor) -> Pair:
+    """The layout the kernels give their outputs: a's if a and b share a dense layout, else row-major."""
+    channels_last = (a.dim() == 4 and not a.is_contiguous()
+                     and a.is_contiguous(memory_format=torch.channels_last)
+                     and b.is_contiguous(memory_format=torch.channels_last))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return (torch.empty_like(a, memory_format=fmt), torch.empty_like(b, memory_format=fmt))
+
+
+def _contiguous_like(a: Tensor) -> Tensor:
+    return torch.empty(a.shape, dtype=a.dtype, device=a.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# input_box
+def input_box(x: Tensor, eps: Tensor, lower: float, upper: float) -> Pair:
+    """Centre and radius of the box ``x ± eps`` intersected with ``[lower, upper]``.
+
+    Args:
+        x: (B, *) input.  eps: one value, or (B,) one per example.
+    Returns:
+        ``(mu, rad)`` of x's shape. Equivalent to::
+
+            l = torch.maximum(x - eps, lower); u = torch.minimum(x + eps, upper)
+            mu, rad = (u + l) / 2, (u - l) / 2
+
+    Example:
+        >>> mu, rad = input_box(torch.rand(2, 3), torch.tensor(0.1), 0.0, 1.0)
+    """
+    return _ops.input_box.default(x, eps, lower, upper)
+
+
+@torch.library.register_fake("pyibp::input_box")
+def _(x, eps, lower, upper):
+    return _contiguous_like(x), _contiguous_like(x)
+
+
+def _input_box_setup(ctx, inputs, output):
+    x, eps, lower, upper = inputs
+    ctx.save_for_backward(x, eps)
+    ctx.lower, ctx.upper = lower, upper
+
+
+def _input_box_backward(ctx, grad_mu, grad_rad):
+    x, eps = ctx.saved_tensors
+    e = eps.reshape((-1,) + (1,) * (x.dim() - 1)) if eps.numel() > 1 else eps.reshape(())
+    lo_free = (x - e > ctx.lower).to(x.dtype)   # lower end moves with x
+    hi_free = (x + e < ctx.upper).to(x.dtype)   # upper end moves with x
+    grad_x = grad_eps = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad_mu * (lo_free + hi_free) + grad_rad * (hi_free - lo_free)) / 2
+    if ctx.needs_input_grad[1]:
+        g = (grad_mu * (hi_free - lo_free) + grad_rad * (hi_free + lo_free)) / 2
+        g = g.flatten(1).sum(1) if eps.numel() > 1 else g.sum()
+        grad_eps = g.reshape(eps.shape).to(eps.dtype)
+    return grad_x, grad_eps, None, None
+
+
+torch.library.register_autograd("pyibp::input_box", _input_box_backward, setup_context=_input_box_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# interval_relu and its backward
+def interval_relu(mu: Tensor, rad: Tensor) -> Pair:
+    """Interval ReLU in centre-radius form, one pass over memory.
+
+    Equivalent to ``l, u = relu(mu - rad), relu(mu + rad); return (u + l) / 2, (u - l) / 2``.
+
+    Example:
+        >>> interval_relu(torch.tensor([[0.5]]), torch.tensor([[1.0]]))
+        (tensor([[0.7500]]), tensor([[0.7500]]))
+    """
+    return _ops.interval_relu.default(mu, rad)
+
+
+@torch.library.register_fake("pyibp::interval_relu")
+def _(mu, rad):
+    return _dense_like(mu, rad)
+
+
+def _relu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output)
+
+
+def _relu_backward(ctx, grad_mu, grad_rad):
+    out_mu, out_rad = ctx.saved_tensors
+    return _ops.interval_relu_backward.default(grad_mu, grad_rad, out_mu, out_rad)
+
+
+torch.library.register_autograd("pyibp::interval_relu", _relu_backward, setup_context=_relu_setup)
+
+
+@torch.library.register_fake("pyibp::interval_relu_backward")
+def _(grad_mu, grad_rad, out_mu, out_rad):
+    return _contiguous_like(grad_mu), _contiguous_like(grad_rad)
+
+
+def _relu_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], inputs[3])
+
+
+def _relu_backward_backward(ctx, gg_mu, gg_rad):
+    # The backward is linear in the incoming gradients and symmetric: it is its own adjoint.
+    out_mu, out_rad = ctx.saved_tensors
+    g_mu, g_rad = _ops.interval_relu_backward.default(gg_mu, gg_rad, out_mu, out_rad)
+    return g_mu, g_rad, None, None
+
+
+torch.library.register_autograd("pyibp::interval_relu_backward", _relu_backward_backward,
+                                setup_context=_relu_backward_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# interval_linear / interval_conv2d
+def interval_linear(mu: Tensor, rad: Tensor, weight: Tensor, abs_weight: Tensor,
+                    bias: Optional[Tensor], relu: bool = False) -> Pair:
+    """Interval image of ``x -> x W^T + b`` (then ReLU when ``relu``), two products per call.
+
+    Args:
+        mu, rad: (B, F).  weight, abs_weight: (K, F), abs_weight == weight.abs().  bias: (K,) or None.
+    Returns:
+        ``(mu', rad')`` of shape (B, K). Equivalent to
+        ``mu' = F.linear(mu, weight, bias); rad' = F.linear(rad, abs_weight)`` followed by
+        :func:`interval_relu` when ``relu``; bias and ReLU are fused into one epilogue pass.
+
+    Example:
+        >>> w = torch.randn(3, 4)
+        >>> m, r = interval_linear(torch.rand(2, 4), torch.rand(2, 4), w, w.abs(), None, True)
+    """
+    return _ops.interval_linear.default(mu, rad, weight, abs_weight, bias, relu)
+
+
+@torch.library.register_fake("pyibp::interval_linear")
+def _(mu, rad, weight, abs_weight, bias, relu):
+    shape = (mu.shape[0], weight.shape[0])
+    return mu.new_empty(shape), rad.new_empty(shape)
+
+
+def _affine_setup(ctx, inputs, output):
+    mu, rad, weight, abs_weight, bias = inputs[:5]
+    relu = inputs[-1]
+    ctx.relu, ctx.has_bias = relu, bias is not None
+    ctx.conv_args = inputs[5:-1]
+    ctx.save_for_backward(mu, rad, weight, abs_weight, *(output if relu else ()))
+
+
+def _through_relu(ctx, grad_mu, grad_rad):
+    if ctx.relu:
+        out_mu, out_rad = ctx.saved_tensors[4:6]
+        return _ops.interval_relu_backward.default(grad_mu, grad_rad, out_mu, out_rad)
+    return grad_mu, grad_rad
+
+
+def _linear_backward(ctx, grad_mu, grad_rad):
+    mu, rad, weight, abs_weight = ctx.saved_tensors[:4]
+    grad_mu, grad_rad = _through_relu(ctx, grad_mu, grad_rad)
+    need = ctx.needs_input_grad
+    return (grad_mu @ weight if need[0] else None,
+            grad_rad @ abs_weight if need[1] else None,
+            grad_mu.t() @ mu if need[2] else None,
+            grad_rad.t() @ rad if need[3] else None,
+            grad_mu.sum(0) if ctx.has_bias and need[4] else None,
+            None)
+
+
+torch.library.register_autograd("pyibp::interval_linear", _linear_backward, setup_context=_affine_setup)
+
+
+def interval_conv2d(mu: Tensor, rad: Tensor, weight: Tensor, abs_weight: Tensor, bias: Optional[Tensor],
+                    stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
+                    dilation: Sequence[int] = (1, 1), groups: int = 1, relu: bool = False) -> Pair:
+    """Interval image of a 2-d convolution (then ReLU when ``relu``), two convolutions per call.
+
+    Args:
+        mu, rad: (B, C, H, W), row-major or channels_last.  weight, abs_weight: (C', C/groups, kh, kw).
+        bias: (C',) or None.
+    Returns:
+        ``(mu', rad')`` of shape (B, C', H', W'). Equivalent to
+        ``F.conv2d(mu, weight, bias, ...)`` and ``F.conv2d(rad, abs_weight, None, ...)``, then
+        :func:`interval_relu` when ``relu``; bias and ReLU are fused into one epilogue pass.
+
+    Example:
+        >>> w = torch.randn(8, 1, 3, 3)
+        >>> m, r = interval_conv2d(torch.rand(2, 1, 28, 28), torch.full((2, 1, 28, 28), 0.1),
+        ...                        w, w.abs(), None, (1, 1), (1, 1), (1, 1), 1, True)
+    """
+    return _ops.interval_conv2d.default(mu, rad, weight, abs_weight, bias, list(stride), list(padding),
+                                        list(dilation), groups, relu)
+
+
+@torch.library.register_fake("pyibp::interval_conv2d")
+def _(mu, rad, weight, abs_weight, bias, stride, padding, dilation, groups, relu):
+    conv = torch.ops.aten.convolution.default
+    m = conv(mu, weight, None, stride, padding, dilation, False, [0, 0], groups)
+    r = conv(rad, abs_weight, None, stride, padding, dilation, False, [0, 0], groups)
+    return _dense_like(m, r) if relu else (m, r)
+
+
+def _conv_backward(ctx, grad_mu, grad_rad):
+    mu, rad, weight, abs_weight = ctx.saved_tensors[:4]
+    stride, padding, dilation, groups = ctx.conv_args
+    grad_mu, grad_rad = _through_relu(ctx, grad_mu, grad_rad)
+    need = ctx.needs_input_grad
+    conv_backward = torch.ops.aten.convolution_backward.default
+    g_mu, g_w, g_b = conv_backward(grad_mu, mu, weight, [weight.shape[0]], stride, padding, dilation,
+                                   False, [0, 0], groups, [need[0], need[2], ctx.has_bias and need[4]])
+    g_rad, g_aw, _ = conv_backward(grad_rad, rad, abs_weight, None, stride, padding, dilation,
+                                   False, [0, 0], groups, [need[1], need[3], False])
+    return g_mu, g_rad, g_w, g_aw, g_b, None, None, None, None, None
+
+
+torch.library.register_autograd("pyibp::interval_conv2d", _conv_backward, setup_context=_affine_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# interval_affine (BatchNorm in eval mode, input normalisation)
+def interval_affine(mu: Tensor, rad: Tensor, scale: Tensor, shift: Tensor) -> Pair:
+    """Per-channel affine map along dim 1: ``mu * scale + shift``, ``rad * |scale|``.
+
+    Args:
+        mu, rad: (B, C, *).  scale, shift: (C,).
+    Example:
+        >>> interval_affine(torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([2., -3.]), torch.ones(2))
+        (tensor([[1., 1.]]), tensor([[2., 3.]]))
+    """
+    return _ops.interval_affine.default(mu, rad, scale, shift)
+
+
+@torch.library.register_fake("pyibp::interval_affine")
+def _(mu, rad, scale, shift):
+    return _dense_like(mu, rad)
+
+
+def _channel_view(t: Tensor, like: Tensor) -> Tensor:
+    return t.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _affine_map_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _affine_map_backward(ctx, grad_mu, grad_rad):
+    mu, rad, scale, shift = ctx.saved_tensors
+    s = _channel_view(scale, mu)
+    reduce = [d for d in range(mu.dim()) if d != 1]
+    need = ctx.needs_input_grad
+    return (grad_mu * s if need[0] else None,
+            grad_rad * s.abs() if need[1] else None,
+            (grad_mu * mu + grad_rad * rad * s.sign()).sum(reduce).reshape(scale.shape) if need[2] else None,
+            grad_mu.sum(reduce).reshape(shift.shape) if need[3] else None)
+
+
+torch.library.register_autograd("pyibp::interval_affine", _affine_map_backward,
+                                setup_context=_affine_map_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# conversions
+def center_to_interval(mu: Tensor, rad: Tensor) -> Pair:
+    """``(mu, rad) -> (mu - rad, mu + rad)`` in one pass.
+
+    Example:
+        >>> center_to_interval(torch.ones(1, 2), torch.ones(1, 2))
+        (tensor([[0., 0.]]), tensor([[2., 2.]]))
+    """
+    return _ops.center_to_interval.default(mu, rad)
+
+
+def interval_to_center(lower: Tensor, upper: Tensor) -> Pair:
+    """``(lower, upper) -> ((upper + lower) / 2, (upper - lower) / 2)`` in one pass.
+
+    Example:
+        >>> interval_to_center(torch.zeros(1, 2), torch.full((1, 2), 2.0))
+        (tensor([[1., 1.]]), tensor([[1., 1.]]))
+    """
+    return _ops.interval_to_center.default(lower, upper)
+
+
+for _name in ("center_to_interval", "interval_to_center"):
+    torch.library.register_fake(f"pyibp::{_name}")(lambda a, b: _dense_like(a, b))
+
+
+def _save_nothing(ctx, inputs, output):
+    pass
+
+
+def _center_to_interval_backward(ctx, grad_lower, grad_upper):
+    return grad_lower + grad_upper, grad_upper - grad_lower
+
+
+def _interval_to_center_backward(ctx, grad_mu, grad_rad):
+    return (grad_mu - grad_rad) / 2, (grad_mu + grad_rad) / 2
+
+
+torch.library.register_autograd("pyibp::center_to_interval", _center_to_interval_backward,
+                                setup_context=_save_nothing)
+torch.library.register_autograd("pyibp::interval_to_center", _interval_to_center_backward,
+                                setup_context=_save_nothing)
+
+
+# ---------------------------------------------------------------------------------------------
+# margin_elision
+def margin_elision(mu: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor) -> Tensor:
+    """Lower bounds of ``logit_y - logit_j`` through the last Linear, for all j (0 at j = y).
+
+    The specification ``C`` (row j: e_y - e_j) is folded into the layer, so the bound is that of
+    ``C W`` rather than of ``W`` followed by ``C`` (tighter), without materialising ``C W``.
+
+    Args:
+        mu, rad: (B, F) input interval of the last Linear.  weight: (K, F).  bias: (K,) or None.
+        labels: (B,) integers in [0, K).
+    Returns:
+        (B, K). Equivalent to::
+
+            d = weight[labels][:, None, :] - weight[None]            # (B, K, F)
+            (d @ mu[..., None] - d.abs() @ rad[..., None])[..., 0] + bias[labels][:, None] - bias
+
+    Example:
+        >>> w = torch.randn(10, 5)
+        >>> margin_elision(torch.rand(2, 5), torch.zeros(2, 5), w, None, torch.tensor([3, 7])).shape
+        torch.Size([2, 10])
+    """
+    return _ops.margin_elision.default(mu, rad, weight, bias, labels)
+
+
+@torch.library.register_fake("pyibp::margin_elision")
+def _(mu, rad, weight, bias, labels):
+    return mu.new_empty((mu.shape[0], weight.shape[0]))
+
+
+def _margin_setup(ctx, inputs, output):
+    mu, rad, weight, bias, labels = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(mu, rad, weight, labels)
+
+
+def _margin_backward(ctx, grad):
+    mu, rad, weight, labels = ctx.saved_tensors
+    labels = labels.long()
+    g = grad.scatter(1, labels[:, None], 0.0)          # the j = y entry is the constant 0
+    w_y = weight[labels]                                # (B, F)
+    diff = w_y[:, None, :] - weight[None, :, :]         # (B, K, F)
+    need = ctx.needs_input_grad
+    grad_mu = g.sum(1, keepdim=True) * w_y - g @ weight if need[0] else None
+    grad_rad = -torch.einsum("bk,bkf->bf", g, diff.abs()) if need[1] else None
+    grad_w = grad_b = None
+    if need[2]:
+        per_pair = g[:, :, None] * (mu[:, None, :] - diff.sign() * rad[:, None, :])
+        grad_w = (-per_pair.sum(0)).index_add(0, labels, per_pair.sum(1))
+    if ctx.has_bias and need[3]:
+        grad_b = (-g.sum(0)).index_add(0, labels, g.sum(1))
+    return grad_mu, grad_rad, grad_w, grad_b, None
+
+
+torch.library.register_autograd("pyibp::margin_elision", _margin_backward, setup_context=_margin_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# relu_relaxation (CROWN)
+def relu_relaxation(lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Linear relaxation of ReLU on ``[lower, upper]`` as used by CROWN-IBP.
+
+    Returns ``(lower_slope, upper_slope, upper_intercept)`` with
+    ``lower_slope * x <= relu(x) <= upper_slope * x + upper_intercept`` on the interval:
+    inactive neurons (u <= 0) get zeros, active ones (l >= 0) the identity, unstable ones the
+    chord ``u / (u - l) * (x - l)`` above and the adaptive slope ``1 if u > -l else 0`` below.
+
+    Example:
+        >>> relu_relaxation(torch.tensor([-1.0]), torch.tensor([3.0]))
+        (tensor([1.]), tensor([0.7500]), tensor([0.7500]))
+    """
+    return _ops.relu_relaxation.default(lower, upper)
+
+
+@torch.library.register_fake("pyibp::relu_relaxation")
+def _(lower, upper):
+    a, b = _dense_like(lower, upper)
+    return a, b, torch.empty_like(a)
+
+
+def _relaxation_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _relaxation_backward(ctx, grad_lower_slope, grad_upper_slope, grad_upper_intercept):
+    lower, upper = ctx.saved_tensors
+    unstable = (lower < 0) & (upper > 0)
+    width = torch.where(unstable, upper - lower, torch.ones_like(lower))
+    inv2 = unstable.to(lower.dtype) / (width * width)
+    # s = u / (u - l), b = -l u / (u - l); the lower slope is piecewise constant.
+    grad_l = (grad_upper_slope * upper - grad_upper_intercept * upper * upper) * inv2
+    grad_u = (-grad_upper_slope * lower + grad_upper_intercept * lower * lower) * inv2
+    return grad_l, grad_u
+
+
+torch.library.register_autograd("pyibp::relu_relaxation", _relaxation_backward,
+                                setup_context=_relaxation_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# PGD steps (in place, no autograd: attacks run them under no_grad)
+def pgd_linf_step_(delta: Tensor, grad: Tensor, x: Tensor, eps: Tensor, alpha: Tensor,
+                   lower: float, upper: float) -> Tensor:
+    """One l∞ PGD step in place, one pass over memory; returns ``delta``.
+
+    Equivalent to::
+
+        delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+        delta = torch.clamp(delta, lower - x, upper - x)
+
+    and then guarantees ``|delta| <= eps`` and ``lower <= x + delta <= upper`` exactly in the
+    tensor's dtype (values that rounding would push out are moved one ulp towards zero).
+    ``eps`` and ``alpha``: one value or (B,) one per example. x must lie in [lower, upper].
+
+    Example:
+        >>> d = torch.zeros(2, 3); x = torch.rand(2, 3)
+        >>> _ = pgd_linf_step_(d, torch.randn(2, 3), x, torch.tensor(0.1), torch.tensor(0.05), 0., 1.)
+    """
+    _ops.pgd_linf_step_.default(delta, grad, x, eps, alpha, lower, upper)
+    return delta
+
+
+def pgd_l2_step_(delta: Tensor, grad: Tensor, x: Tensor, eps: Tensor, alpha: Tensor,
+                 lower: float, upper: float) -> Tensor:
+    """One l2 PGD step in place; returns ``delta``.
+
+    Equivalent to (per example, norms over all but the batch dimension)::
+
+        delta = delta + alpha * grad / grad.norm()        # zero gradient: no move
+        delta = delta * min(1, eps / delta.norm())
+        delta = torch.clamp(delta, lower - x, upper - x)
+
+    with the result guaranteed inside the ball and the domain despite rounding.
+
+    Example:
+        >>> d = torch.zeros(2, 3); x = torch.rand(2, 3)
+        >>> _ = pgd_l2_step_(d, torch.randn(2, 3), x, torch.tensor(0.5), torch.tensor(0.1), 0., 1.)
+    """
+    _ops.pgd_l2_step_.default(delta, grad, x, eps, alpha, lower, upper)
+    return delta
+
+
+for _name in ("pgd_linf_step_", "pgd_l2_step_"):
+    torch.library.register_fake(f"pyibp::{_name}")(lambda delta, grad, x, eps, alpha, lower, upper: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# |W|, cached per weight version
+_abs_cache: "weakref.WeakKeyDictionary[Tensor, Tuple[int, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def abs_weight(weight: Tensor) -> Tensor:
+    """``weight.abs()``, cached until the weight is modified in place (its version changes).
+
+    When gradients are needed (training) the result must be part of the autograd graph, so it is
+    computed afresh; under ``torch.no_grad`` (verification, attacks on bounds) it is reused.
+
+    Example:
+        >>> w = torch.randn(3, 3)
+        >>> with torch.no_grad():
+        ...     assert abs_weight(w) is abs_weight(w)
+    """
+    if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+        return weight.abs()
+    hit = _abs_cache.get(weight)
+    if hit is not None and hit[0] == weight._version:
+        return hit[1]
+    absw = weight.detach().abs()
+    _abs_cache[weight] = (weight._version, absw)
+    return absw
