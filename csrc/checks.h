@@ -2,24 +2,38 @@
 #pragma once
 #include <torch/types.h>
 
-#define PYIBP_CHECK_FLOAT(x)                                                          \
-  TORCH_CHECK(at::isFloatingType((x).scalar_type()), #x " must be a floating-point " \
-              "tensor, got ", (x).scalar_type())
+#include <string>
+
+namespace pyibp {
+// Messages use the operator's schema names. Kernels keep a raw argument as `name_in` when they
+// work on a converted copy `name`, so the suffix is dropped here.
+inline std::string arg(const char* expr) {
+  std::string s(expr);
+  if (s.size() > 3 && s.compare(s.size() - 3, 3, "_in") == 0) s.resize(s.size() - 3);
+  return s;
+}
+}  // namespace pyibp
+
+#define PYIBP_CHECK_FLOAT(x)                                                                 \
+  TORCH_CHECK(at::isFloatingType((x).scalar_type()), pyibp::arg(#x),                       \
+              " must be a floating-point tensor, got ", (x).scalar_type())
 #define PYIBP_CHECK_SAME_SHAPE(a, b)                                                         \
-  TORCH_CHECK((a).sizes() == (b).sizes(), #a " and " #b " must have the same shape, got ", \
-              (a).sizes(), " and ", (b).sizes())
-#define PYIBP_CHECK_SAME_DTYPE(a, b)                                                            \
-  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), #a " and " #b " must have the same dtype, " \
-              "got ", (a).scalar_type(), " and ", (b).scalar_type())
-#define PYIBP_CHECK_SAME_DEVICE(a, b)                                                             \
-  TORCH_CHECK((a).device() == (b).device(), #a " and " #b " must be on the same device, got ", \
-              (a).device(), " and ", (b).device())
-#define PYIBP_CHECK_DIM(x, d) \
-  TORCH_CHECK((x).dim() == (d), #x " must have ", d, " dimensions, got shape ", (x).sizes())
+  TORCH_CHECK((a).sizes() == (b).sizes(), pyibp::arg(#a), " and ", pyibp::arg(#b),         \
+              " must have the same shape, got ", (a).sizes(), " and ", (b).sizes())
+#define PYIBP_CHECK_SAME_DTYPE(a, b)                                                         \
+  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), pyibp::arg(#a), " and ",             \
+              pyibp::arg(#b), " must have the same dtype, got ", (a).scalar_type(), " and ", \
+              (b).scalar_type())
+#define PYIBP_CHECK_SAME_DEVICE(a, b)                                                        \
+  TORCH_CHECK((a).device() == (b).device(), pyibp::arg(#a), " and ", pyibp::arg(#b),       \
+              " must be on the same device, got ", (a).device(), " and ", (b).device())
+#define PYIBP_CHECK_DIM(x, d)                                                                \
+  TORCH_CHECK((x).dim() == (d), pyibp::arg(#x), " must have ", d, " dimensions, got shape ", \
+              (x).sizes())
 // A per-example parameter: one value, or one value per example of a batch of B.
 #define PYIBP_CHECK_PER_EXAMPLE(p, B)                                                        \
-  TORCH_CHECK((p).numel() == 1 || ((p).dim() == 1 && (p).size(0) == (B)), #p " must hold " \
-              "one value or one per example (", B, "), got shape ", (p).sizes())
+  TORCH_CHECK((p).numel() == 1 || ((p).dim() == 1 && (p).size(0) == (B)), pyibp::arg(#p),  \
+              " must hold one value or one per example (", B, "), got shape ", (p).sizes())
 
 namespace pyibp {
 

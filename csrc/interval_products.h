@@ -35,8 +35,8 @@ inline void check_weights(const at::Tensor& mu, const at::Tensor& weight, const 
   PYIBP_CHECK_SAME_DEVICE(mu, weight);
   PYIBP_CHECK_SAME_DEVICE(mu, abs_weight);
   if (bias.has_value()) {
-    PYIBP_CHECK_SAME_DTYPE(mu, (*bias));
-    PYIBP_CHECK_SAME_DEVICE(mu, (*bias));
+    PYIBP_CHECK_SAME_DTYPE(mu, bias.value());
+    PYIBP_CHECK_SAME_DEVICE(mu, bias.value());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (",
                 weight.size(0), ",), got ", bias->sizes());
   }

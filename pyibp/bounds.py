@@ -278,10 +278,10 @@ def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: fl
     state = propagate(body, be.start(x, eps_t, float(lower), float(upper)), be, dtype=dtype)
     if last is not None:
         _check_labels(y, x, last.out_features)
-        state = be.reshape(state, lambda t: t.reshape(t.shape[0], -1))
+        state = be.reshape(state, lambda t: t.flatten(1))
         return be.margins(state, _param(last.weight, dtype), _param(last.bias, dtype), y)
     lb, ub = be.bounds(state)
-    lb, ub = lb.reshape(lb.shape[0], -1), ub.reshape(ub.shape[0], -1)
+    lb, ub = lb.flatten(1), ub.flatten(1)
     _check_labels(y, x, lb.shape[1])
     margins = lb.gather(1, y[:, None]) - ub
     return margins.scatter(1, y[:, None], 0.0)

@@ -8,11 +8,11 @@ Interval tensors are carried in centre-radius form ``(mu, rad)``: the box ``[mu 
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _C  # noqa: F401  (loads the operator library)
 
@@ -71,7 +71,8 @@ def _input_box_setup(ctx, inputs, output):
 
 def _input_box_backward(ctx, grad_mu, grad_rad):
     x, eps = ctx.saved_tensors
-    e = eps.reshape((-1,) + (1,) * (x.dim() - 1)) if eps.numel() > 1 else eps.reshape(())
+    shared = eps.numel() == 1
+    e = eps.reshape(()) if shared else eps.reshape((-1,) + (1,) * (x.dim() - 1))
     lo_free = (x - e > ctx.lower).to(x.dtype)   # lower end moves with x
     hi_free = (x + e < ctx.upper).to(x.dtype)   # upper end moves with x
     grad_x = grad_eps = None
@@ -79,7 +80,7 @@ def _input_box_backward(ctx, grad_mu, grad_rad):
         grad_x = (grad_mu * (lo_free + hi_free) + grad_rad * (hi_free - lo_free)) / 2
     if ctx.needs_input_grad[1]:
         g = (grad_mu * (hi_free - lo_free) + grad_rad * (hi_free + lo_free)) / 2
-        g = g.flatten(1).sum(1) if eps.numel() > 1 else g.sum()
+        g = g.sum() if shared else g.flatten(1).sum(1)
         grad_eps = g.reshape(eps.shape).to(eps.dtype)
     return grad_x, grad_eps, None, None
 
@@ -474,7 +475,8 @@ for _name in ("pgd_linf_step_", "pgd_l2_step_"):
 
 # ---------------------------------------------------------------------------------------------
 # |W|, cached per weight version
-_abs_cache: "weakref.WeakKeyDictionary[Tensor, Tuple[int, Tensor]]" = weakref.WeakKeyDictionary()
+# Keyed by identity (tensors compare elementwise), dropped with the weight.
+_abs_cache = WeakIdKeyDictionary()
 
 
 def abs_weight(weight: Tensor) -> Tensor:

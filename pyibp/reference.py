@@ -22,7 +22,7 @@ Pair = Tuple[Tensor, Tensor]
 
 
 def _per_example(p: Tensor, like: Tensor) -> Tensor:
-    return p.reshape((-1,) + (1,) * (like.dim() - 1)) if p.numel() > 1 else p.reshape(())
+    return p.reshape(()) if p.numel() == 1 else p.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
 def input_box_ref(x: Tensor, eps: Tensor, lower: float, upper: float) -> Pair:
