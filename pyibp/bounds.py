@@ -8,6 +8,8 @@ C++/CUDA operators (two products per layer, bias and ReLU fused into the epilogu
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
@@ -166,11 +168,15 @@ def check_box(x: Tensor, eps: Eps, lower: float, upper: float) -> Tensor:
         _finite_range("eps", eps_t)
         if (eps_t < 0).any():
             raise ValueError(f"eps must be >= 0, got {eps_t.min().item()}")
-        _finite_range("x", x)
-        if x.numel() and (x.min() < lower or x.max() > upper):
-            raise ValueError(f"x has values in [{x.min().item():.4g}, {x.max().item():.4g}], outside the "
-                             f"input domain [{lower}, {upper}]; pass lower=/upper= matching your "
-                             "data (e.g. -inf, inf), or normalise inside the model with pyibp.nn.Normalize")
+        if x.numel():
+            # One pass: min and max propagate NaN, so finite extremes mean every value is finite.
+            x_min, x_max = (float(v) for v in torch.aminmax(x.detach()))
+            if not (math.isfinite(x_min) and math.isfinite(x_max)):
+                _finite_range("x", x)
+            if x_min < lower or x_max > upper:
+                raise ValueError(f"x has values in [{x_min:.4g}, {x_max:.4g}], outside the input domain "
+                                 f"[{lower}, {upper}]; pass lower=/upper= matching your data (e.g. -inf, "
+                                 "inf), or normalise inside the model with pyibp.nn.Normalize")
     return eps_t
 
 

@@ -7,12 +7,11 @@
 
 #include <cmath>
 
+#include "cpu/loops.h"
 #include "interval_products.h"
 
 namespace pyibp {
 namespace {
-
-constexpr int64_t kGrain = 16384;
 
 // Interval ReLU in centre-radius form: l = mu - r, u = mu + r, then relu both ends.
 template <typename T>
@@ -25,23 +24,17 @@ inline void relu_center_radius(T m, T r, T* __restrict__ mu_out, T* __restrict__
 
 // In place on fresh product outputs: add the bias of channel c, then the interval ReLU.
 void bias_relu_epilogue(at::Tensor& mu, at::Tensor& rad, const std::optional<at::Tensor>& bias) {
-  const int64_t n = mu.numel();
-  const int64_t channels = mu.size(1), inner = inner_size(mu);
-  const bool channels_last = is_channels_last(mu);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_bias_relu_cpu", [&] {
     scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
     scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
-    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      if (b == nullptr) {
+    if (!bias.has_value()) {
+      at::parallel_for(0, mu.numel(), kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) relu_center_radius(m[i], r[i], m + i, r + i);
-        return;
-      }
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t c = channels_last ? i % channels : (i / inner) % channels;
-        relu_center_radius(m[i] + b[c], r[i], m + i, r + i);
-      }
-    });
+      });
+      return;
+    }
+    const scalar_t* __restrict__ b = bias->data_ptr<scalar_t>();
+    for_each_with_channel(mu, [&](int64_t i, int64_t c) { relu_center_radius(m[i] + b[c], r[i], m + i, r + i); });
   });
 }
 
@@ -62,13 +55,11 @@ std::tuple<at::Tensor, at::Tensor> input_box_cpu(const at::Tensor& x_in, const a
     scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
     scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
     const scalar_t lo = static_cast<scalar_t>(lower), hi = static_cast<scalar_t>(upper);
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t e = ep[shared_eps ? 0 : i / per];
-        const scalar_t l = std::max(xp[i] - e, lo), u = std::min(xp[i] + e, hi);
-        m[i] = (l + u) * scalar_t(0.5);
-        r[i] = (u - l) * scalar_t(0.5);
-      }
+    for_each_with_example(n, per, [&](int64_t i, int64_t b) {
+      const scalar_t e = ep[shared_eps ? 0 : b];
+      const scalar_t l = std::max(xp[i] - e, lo), u = std::min(xp[i] + e, hi);
+      m[i] = (l + u) * scalar_t(0.5);
+      r[i] = (u - l) * scalar_t(0.5);
     });
   });
   return {mu, rad};
@@ -111,6 +102,21 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_cpu(const at::Tensor& mu_in, co
   return {mu_out, rad_out};
 }
 
+// A function with restrict parameters, so the compiler vectorises without run-time alias checks.
+template <typename T>
+void relu_backward_loop(const T* __restrict__ gm, const T* __restrict__ gr, const T* __restrict__ m,
+                        const T* __restrict__ r, T* __restrict__ gm_out, T* __restrict__ gr_out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    // relu(l) > 0 exactly when l > 0, so the outputs carry the activation pattern. Masks as
+    // arithmetic rather than branches: the pattern is data-dependent and mispredicts badly.
+    const T pass_l = T(m[i] - r[i] > 0), pass_u = T(m[i] + r[i] > 0);
+    const T gl = pass_l * (gm[i] - gr[i]) * T(0.5);
+    const T gu = pass_u * (gm[i] + gr[i]) * T(0.5);
+    gm_out[i] = gl + gu;
+    gr_out[i] = gu - gl;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cpu(const at::Tensor& grad_mu_in,
                                                               const at::Tensor& grad_rad_in,
                                                               const at::Tensor& out_mu_in,
@@ -129,13 +135,7 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cpu(const at::Tensor& 
     scalar_t* __restrict__ gmo = grad_mu.data_ptr<scalar_t>();
     scalar_t* __restrict__ gro = grad_rad.data_ptr<scalar_t>();
     at::parallel_for(0, gm.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        // relu(l) > 0 exactly when l > 0, so the outputs carry the activation pattern.
-        const scalar_t gl = (m[i] - r[i] > 0) ? (gmp[i] - grp[i]) * scalar_t(0.5) : scalar_t(0);
-        const scalar_t gu = (m[i] + r[i] > 0) ? (gmp[i] + grp[i]) * scalar_t(0.5) : scalar_t(0);
-        gmo[i] = gl + gu;
-        gro[i] = gu - gl;
-      }
+      relu_backward_loop(gmp + begin, grp + begin, m + begin, r + begin, gmo + begin, gro + begin, end - begin);
     });
   });
   return {grad_mu, grad_rad};
@@ -154,8 +154,6 @@ std::tuple<at::Tensor, at::Tensor> interval_affine_cpu(const at::Tensor& mu_in, 
   const at::Tensor scale = scale_in.to(mu.scalar_type()).contiguous();
   const at::Tensor shift = shift_in.to(mu.scalar_type()).contiguous();
   at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
-  const int64_t inner = inner_size(mu);
-  const bool channels_last = is_channels_last(mu);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_interval_affine_cpu", [&] {
     const scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
     const scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
@@ -163,12 +161,9 @@ std::tuple<at::Tensor, at::Tensor> interval_affine_cpu(const at::Tensor& mu_in, 
     const scalar_t* __restrict__ t = shift.data_ptr<scalar_t>();
     scalar_t* __restrict__ mo = mu_out.data_ptr<scalar_t>();
     scalar_t* __restrict__ ro = rad_out.data_ptr<scalar_t>();
-    at::parallel_for(0, mu.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t c = channels_last ? i % channels : (i / inner) % channels;
-        mo[i] = m[i] * s[c] + t[c];
-        ro[i] = r[i] * std::abs(s[c]);
-      }
+    for_each_with_channel(mu, [&](int64_t i, int64_t c) {
+      mo[i] = m[i] * s[c] + t[c];
+      ro[i] = r[i] * std::abs(s[c]);
     });
   });
   return {mu_out, rad_out};
@@ -253,6 +248,21 @@ at::Tensor margin_elision_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in,
   return out;
 }
 
+template <typename T>
+void relaxation_loop(const T* __restrict__ l, const T* __restrict__ u, T* __restrict__ lower_slope,
+                     T* __restrict__ upper_slope, T* __restrict__ upper_intercept, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T li = l[i], ui = u[i];
+    const bool active = li >= T(0) && ui > T(0), unstable = li < T(0) && ui > T(0);
+    // Unstable: the chord above and the adaptive 0/1 slope below (CROWN-IBP). Selects, not
+    // branches; the guarded denominator keeps the discarded lanes finite.
+    const T chord = ui / (unstable ? ui - li : T(1));
+    upper_slope[i] = unstable ? chord : T(active);
+    upper_intercept[i] = unstable ? -chord * li : T(0);
+    lower_slope[i] = unstable ? T(ui > -li) : T(active);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cpu(const at::Tensor& lower_in,
                                                                    const at::Tensor& upper_in) {
   check_pair(lower_in, upper_in);
@@ -266,20 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cpu(const at::Ten
     scalar_t* __restrict__ us = upper_slope.data_ptr<scalar_t>();
     scalar_t* __restrict__ ui = upper_intercept.data_ptr<scalar_t>();
     at::parallel_for(0, lower.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t li = l[i], ui_ = u[i];
-        if (ui_ <= 0) {  // inactive
-          ls[i] = us[i] = ui[i] = scalar_t(0);
-        } else if (li >= 0) {  // active
-          ls[i] = us[i] = scalar_t(1);
-          ui[i] = scalar_t(0);
-        } else {  // unstable: chord above, adaptive 0/1 slope below (CROWN-IBP)
-          const scalar_t s = ui_ / (ui_ - li);
-          us[i] = s;
-          ui[i] = -s * li;
-          ls[i] = ui_ > -li ? scalar_t(1) : scalar_t(0);
-        }
-      }
+      relaxation_loop(l + begin, u + begin, ls + begin, us + begin, ui + begin, end - begin);
     });
   });
   return {lower_slope, upper_slope, upper_intercept};

@@ -8,12 +8,11 @@
 #include <algorithm>
 #include <limits>
 
+#include "cpu/loops.h"
 #include "pgd_common.h"
 
 namespace pyibp {
 namespace {
-
-constexpr int64_t kGrain = 16384;
 
 // Runs `body(contiguous delta)` and writes the result back when delta was not contiguous.
 template <typename Body>
@@ -45,17 +44,14 @@ void pgd_linf_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::T
       const double* ap = alpha.data_ptr<double>();
       const bool shared_eps = eps.numel() == 1, shared_alpha = alpha.numel() == 1;
       const scalar_t lo = static_cast<scalar_t>(lower), hi = static_cast<scalar_t>(upper);
-      at::parallel_for(0, d.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / per;
-          const scalar_t e = static_cast<scalar_t>(ep[shared_eps ? 0 : b]);
-          const scalar_t a = static_cast<scalar_t>(ap[shared_alpha ? 0 : b]);
-          const scalar_t g = gp[i];
-          const scalar_t sign = scalar_t((g > 0) - (g < 0));
-          scalar_t v = std::clamp(dp[i] + a * sign, -e, e);
-          v = std::clamp(v, lo - xp[i], hi - xp[i]);
-          dp[i] = project_exact<scalar_t, scalar_t>(v, xp[i], e, lo, hi);
-        }
+      for_each_with_example(d.numel(), per, [&](int64_t i, int64_t b) {
+        const scalar_t e = static_cast<scalar_t>(ep[shared_eps ? 0 : b]);
+        const scalar_t a = static_cast<scalar_t>(ap[shared_alpha ? 0 : b]);
+        const scalar_t g = gp[i];
+        const scalar_t sign = scalar_t((g > 0) - (g < 0));
+        scalar_t v = std::clamp(dp[i] + a * sign, -e, e);
+        v = std::clamp(v, lo - xp[i], hi - xp[i]);
+        dp[i] = project_exact<scalar_t, scalar_t>(v, xp[i], e, lo, hi);
       });
     });
   });
@@ -81,30 +77,21 @@ void pgd_l2_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::Ten
       const double* ap = alpha.data_ptr<double>();
       const double* gn = grad_norm.data_ptr<double>();
       const bool shared_eps = eps.numel() == 1, shared_alpha = alpha.numel() == 1;
-      at::parallel_for(0, d.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / per;
-          const double a = ap[shared_alpha ? 0 : b];
-          // A zero gradient leaves delta where it is.
-          const double step = gn[b] > 0 ? a / gn[b] : 0.0;
-          dp[i] = static_cast<scalar_t>(double(dp[i]) + step * double(gp[i]));
-        }
+      for_each_with_example(d.numel(), per, [&](int64_t i, int64_t b) {
+        // A zero gradient leaves delta where it is.
+        const double step = gn[b] > 0 ? ap[shared_alpha ? 0 : b] / gn[b] : 0.0;
+        dp[i] = static_cast<scalar_t>(double(dp[i]) + step * double(gp[i]));
       });
       const at::Tensor delta_norm = norms(d);
       const double* dn = delta_norm.data_ptr<double>();
       // Shrink the projection by a few ulps so the rounded result stays inside the ball.
       const double shrink = 1.0 - 4.0 * double(std::numeric_limits<scalar_t>::epsilon());
-      at::parallel_for(0, d.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / per;
-          const double e = ep[shared_eps ? 0 : b];
-          const double f = dn[b] > e ? shrink * e / dn[b] : 1.0;
-          double v = double(dp[i]) * f;
-          v = std::clamp(v, lower - double(xp[i]), upper - double(xp[i]));
-          // Each coordinate only moved towards zero, so |v_i| <= e holds coordinate-wise too.
-          dp[i] = project_exact<scalar_t, double>(v, xp[i], std::numeric_limits<double>::infinity(),
-                                                  lower, upper);
-        }
+      for_each_with_example(d.numel(), per, [&](int64_t i, int64_t b) {
+        const double e = ep[shared_eps ? 0 : b];
+        const double f = dn[b] > e ? shrink * e / dn[b] : 1.0;
+        const double v = std::clamp(double(dp[i]) * f, lower - double(xp[i]), upper - double(xp[i]));
+        // Clamping and rounding towards zero only shrink |v|, so the ball holds; this fixes the domain.
+        dp[i] = project_exact<scalar_t, double>(v, xp[i], std::numeric_limits<double>::infinity(), lower, upper);
       });
     });
   });
