@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .layers import batchnorm_scale_shift, conv_padding, flatten_layers
-from .nn import Normalize
+from .nn import Normalize, Residual
 
 __all__ = ["interval_bounds", "margin_bounds", "propagate", "FusedBackend", "get_backend"]
 
@@ -58,6 +58,9 @@ class FusedBackend:
 
     def reshape(self, s: Pair, fn: Callable[[Tensor], Tensor]) -> Pair:
         return fn(s[0]), fn(s[1])
+
+    def add(self, s: Pair, t: Pair) -> Pair:
+        return s[0] + t[0], s[1] + t[1]
 
     def bounds(self, s: Pair) -> Pair:
         return ops.center_to_interval(*s)
@@ -127,6 +130,10 @@ def propagate(layers: List[nn.Module], state, backend, *, dtype: Optional[torch.
             state = backend.monotone(state, layer)
         elif isinstance(layer, nn.Flatten):
             state = backend.reshape(state, layer)
+        elif isinstance(layer, Residual):
+            branches = [propagate(flatten_layers(b), state, backend, dtype=dtype, fuse_relu=fuse_relu)
+                        for b in (layer.body, layer.shortcut)]
+            state = backend.add(*branches)
         # Identity and Dropout (the eval-mode function) leave the box unchanged.
         i += 2 if relu else 1
     return state

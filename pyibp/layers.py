@@ -5,10 +5,10 @@ from typing import List
 
 from torch import nn
 
-from .nn import Normalize
+from .nn import Normalize, Residual
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d,
-                    nn.AvgPool2d, nn.MaxPool2d, nn.Dropout, nn.Identity, Normalize)
+                    nn.AvgPool2d, nn.MaxPool2d, nn.Dropout, nn.Identity, Normalize, Residual)
 _SUPPORTED_NAMES = ", ".join(c.__name__ for c in SUPPORTED_LAYERS) + " and nested nn.Sequential"
 
 
@@ -57,6 +57,12 @@ def _check_layer(index: int, layer: nn.Module) -> None:
         if layer.padding_mode != "zeros":
             raise TypeError(f"{name} has padding_mode={layer.padding_mode!r}; only 'zeros' is supported")
         conv_padding(index, layer)
+    if isinstance(layer, Residual):
+        for branch in ("body", "shortcut"):
+            try:
+                flatten_layers(getattr(layer, branch))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{name}, branch {branch}: {err}") from None
     if isinstance(layer, nn.MaxPool2d) and layer.return_indices:
         raise TypeError(f"{name} has return_indices=True; only plain max pooling is supported")
 

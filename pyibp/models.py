@@ -1,9 +1,13 @@
 """Models used by the tutorial and the certified-training literature, as plain nn.Sequential."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import nn
 
-__all__ = ["tutorial_cnn", "cifar_cnn"]
+from .nn import Residual
+
+__all__ = ["tutorial_cnn", "cifar_cnn", "cnn7", "resnet_small", "MODELS", "build_model"]
 
 
 def tutorial_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Sequential:
@@ -48,3 +52,72 @@ def cifar_cnn(in_channels: int = 3, num_classes: int = 10, image_size: int = 32)
         nn.Linear(128 * side * side, 512), nn.ReLU(),
         nn.Linear(512, num_classes),
     )
+
+
+def cnn7(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 64,
+         linear_size: int = 512) -> nn.Sequential:
+    """The 7-layer CNN with BatchNorm of Shi et al. 2021 ("Fast certified robust training with short
+    warmup", ``cnn_7layer_bn``): Conv w-w-2w(s2)-2w-2w, Linear 512, Linear 10, BN after each hidden layer.
+
+    Shapes:
+        (B, 3, 32, 32) -> (B, 10).
+    Example:
+        >>> cnn7()(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    def conv_bn(c_in: int, c_out: int, stride: int = 1):
+        return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    side = (image_size + 1) // 2
+    return nn.Sequential(
+        *conv_bn(in_channels, width), *conv_bn(width, width), *conv_bn(width, 2 * width, stride=2),
+        *conv_bn(2 * width, 2 * width), *conv_bn(2 * width, 2 * width),
+        nn.Flatten(),
+        nn.Linear(2 * width * side * side, linear_size), nn.BatchNorm1d(linear_size), nn.ReLU(),
+        nn.Linear(linear_size, num_classes),
+    )
+
+
+def resnet_small(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 16,
+                 stages: Sequence[int] = (1, 1)) -> nn.Sequential:
+    """A ResNet small enough for IBP: a conv stem, then per stage ``stages[i]`` residual blocks
+    (Conv-BN-ReLU-Conv-BN plus identity, or a strided 1x1 Conv-BN shortcut when the shape changes,
+    then ReLU), doubling the width and halving the resolution at each new stage; Linear head.
+
+    Blocks are :class:`pyibp.nn.Residual`, the skip structure pyibp's bounds support.
+
+    Shapes:
+        (B, 3, 32, 32) -> (B, 10).
+    Example:
+        >>> resnet_small()(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    layers: list = [nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+    channels, side = width, image_size
+    for stage, blocks in enumerate(stages):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            out = width * 2 ** stage
+            body = nn.Sequential(nn.Conv2d(channels, out, 3, stride=stride, padding=1), nn.BatchNorm2d(out),
+                                 nn.ReLU(), nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out))
+            shortcut = None if stride == 1 and out == channels else nn.Sequential(
+                nn.Conv2d(channels, out, 1, stride=stride), nn.BatchNorm2d(out))
+            layers += [Residual(body, shortcut), nn.ReLU()]
+            channels, side = out, (side - 1) // stride + 1
+    layers += [nn.AvgPool2d(2), nn.Flatten(), nn.Linear(channels * (side // 2) ** 2, num_classes)]
+    return nn.Sequential(*layers)
+
+
+MODELS = {"tutorial-cnn": tutorial_cnn, "cifar-cnn": cifar_cnn, "cnn7": cnn7, "resnet-small": resnet_small}
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Sequential:
+    """A model of the zoo by name, for data of the given shape.
+
+    Example:
+        >>> build_model("tutorial-cnn", 1, 10, 28)(torch.rand(1, 1, 28, 28)).shape
+        torch.Size([1, 10])
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)

@@ -1,7 +1,7 @@
 """Layers that pyibp adds to the ones PyTorch has."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -43,3 +43,28 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
+
+
+class Residual(nn.Module):
+    """A residual block ``body(x) + shortcut(x)``, the block structure pyibp can bound.
+
+    ``body`` and ``shortcut`` are nn.Sequential (or single layers) of the supported layers;
+    ``shortcut=None`` is the identity. The interval of the sum is the sum of the branches'
+    intervals, so bounds pass through each branch from the same input box and add. Any other
+    skip structure (concatenation, gating, a skip that leaves the block) is not supported.
+
+    Shapes:
+        (B, *) -> the shape of ``body``'s output, which must equal ``shortcut``'s.
+    Example:
+        >>> block = Residual(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)))
+        >>> block(torch.rand(2, 8, 6, 6)).shape
+        torch.Size([2, 8, 6, 6])
+    """
+
+    def __init__(self, body: nn.Module, shortcut: Optional[nn.Module] = None):
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) + self.shortcut(x)

@@ -148,6 +148,9 @@ class TutorialBackend:
     def reshape(self, s: Pair, fn: Callable[[Tensor], Tensor]) -> Pair:
         return fn(s[0]), fn(s[1])
 
+    def add(self, s: Pair, t: Pair) -> Pair:
+        return s[0] + t[0], s[1] + t[1]
+
     def bounds(self, s: Pair) -> Pair:
         return s
 

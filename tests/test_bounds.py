@@ -196,3 +196,32 @@ def test_compiles_without_graph_breaks():
     m, (lb, ub) = compiled(x, y)
     torch.testing.assert_close(m, pyibp.margin_bounds(model, x, y, 0.1))
     torch.testing.assert_close(lb, pyibp.interval_bounds(model, x, 0.1)[0])
+
+
+@pytest.mark.parametrize("name", ["cnn7", "resnet-small"])
+def test_model_zoo_bounds_are_sound(name):
+    from pyibp.models import build_model
+    torch.manual_seed(0)
+    model = build_model(name, 3, 10, 16)
+    for module in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 7])
+    lb, ub = pyibp.interval_bounds(model, x, 0.01)
+    tlb, tub = pyibp.interval_bounds(model, x, 0.01, backend="torch")
+    assert_agree(lb, tlb, 1e-4)
+    assert_agree(ub, tub, 1e-4)
+    with torch.no_grad():
+        out = model(sample_box(x, torch.tensor(0.01), 200).flatten(0, 1)).reshape(200, 2, 10)
+    slack = 1e-5 * max(1.0, float(ub.detach().abs().max()))
+    assert (out >= lb - slack).all() and (out <= ub + slack).all()
+    assert (pyibp.margin_bounds(model, x, y, 0.01) <= out.gather(2, y[None, :, None].expand(200, 2, 1)) - out + slack).all()
+
+
+def test_residual_with_an_unsupported_layer_names_the_branch():
+    from pyibp.nn import Residual
+    model = nn.Sequential(nn.Flatten(), Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"layer 1 \(Residual\), branch body: layer 1 \(Tanh\) is not supported"):
+        pyibp.interval_bounds(model, torch.rand(1, 4), 0.1)

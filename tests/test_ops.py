@@ -248,3 +248,26 @@ def test_abs_weight_is_cached_until_the_weight_changes():
     torch.testing.assert_close(second, w.detach().abs())
     fresh = ops.abs_weight(w)  # grad mode, parameter: part of the graph
     assert fresh.requires_grad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_on_cuda_matches_float32_reference(dtype):
+    mu, rad = pair((4, 3, 5, 5), torch.float32, "cuda")
+    low = lambda *ts: [t.to(dtype) for t in ts]  # noqa: E731
+    mu_l, rad_l = low(mu, rad)
+    ref = reference.interval_relu_ref(mu_l.float(), rad_l.float())
+    close(tuple(t.float() for t in ops.interval_relu(mu_l, rad_l)), ref, dtype)
+    w = torch.randn(6, 3, 3, 3, device="cuda")
+    w_l, b_l = low(w, torch.randn(6, device="cuda"))
+    args = ((1, 1), (1, 1), (1, 1), 1, True)
+    out = ops.interval_conv2d(mu_l, rad_l, w_l, w_l.abs(), b_l, *args)
+    ref = reference.interval_conv2d_ref(mu_l.float(), rad_l.float(), w_l.float(), w_l.abs().float(), b_l.float(), *args)
+    close(tuple(t.float() for t in out), ref, dtype)
+    delta, grad = torch.zeros_like(mu_l), torch.randn_like(mu_l)
+    x = torch.rand_like(mu_l)
+    eps = torch.tensor(0.1, device="cuda")
+    ops.pgd_linf_step_(delta, grad, x, eps, eps / 2, 0.0, 1.0)
+    assert (delta.float().abs() <= 0.1).all()
+    moved = (x + delta).float()
+    assert (moved >= 0).all() and (moved <= 1).all()
