@@ -5,6 +5,7 @@ from typing import List
 
 from torch import nn
 
+from .distributed import unwrap
 from .nn import Normalize, Residual
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d,
@@ -17,6 +18,7 @@ def flatten_layers(model: nn.Module) -> List[nn.Module]:
 
     Raises:
         TypeError: a layer pyibp cannot bound, named with its index in the flattened model.
+            A DistributedDataParallel wrapper is looked through.
         ValueError: a supported layer in a state that has no sound bound (BatchNorm in training
             mode or without running statistics, a non-zero padding mode).
 
@@ -24,6 +26,7 @@ def flatten_layers(model: nn.Module) -> List[nn.Module]:
         >>> flatten_layers(nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU())))
         [Linear(in_features=2, out_features=2, bias=True), ReLU()]
     """
+    model = unwrap(model)
     if not isinstance(model, nn.Sequential) and not isinstance(model, SUPPORTED_LAYERS):
         raise TypeError(f"pyibp bounds nn.Sequential models; got {type(model).__name__}. "
                         f"Supported layers: {_SUPPORTED_NAMES}")
