@@ -210,6 +210,12 @@ def _check_labels(y: Tensor, x: Tensor, num_classes: Optional[int]) -> Tensor:
     return y
 
 
+def _full_precision(x: Tensor):
+    """Bounds are never computed in autocast's reduced precision: a bf16 bound is not a bound of
+    the float32 network. Inside mixed-precision training steps this switches autocast off."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # public API
 def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: float = 0.0, upper: float = 1.0,
@@ -241,8 +247,9 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: float = 0.0
     be = get_backend(backend)
     if dtype is not None:
         x, eps_t = x.to(dtype), eps_t.to(dtype)
-    state = propagate(layers, be.start(x, eps_t, float(lower), float(upper)), be, dtype=dtype)
-    return be.bounds(state)
+    with _full_precision(x):
+        state = propagate(layers, be.start(x, eps_t, float(lower), float(upper)), be, dtype=dtype)
+        return be.bounds(state)
 
 
 def _last_linear(layers: List[nn.Module]) -> Tuple[List[nn.Module], Optional[nn.Linear]]:
@@ -288,6 +295,11 @@ def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: fl
     if dtype is not None:
         x, eps_t = x.to(dtype), eps_t.to(dtype)
     body, last = _last_linear(layers)
+    with _full_precision(x):
+        return _margins_through(body, last, be, x, y, eps_t, lower, upper, dtype)
+
+
+def _margins_through(body, last, be, x, y, eps_t, lower, upper, dtype) -> Tensor:
     state = propagate(body, be.start(x, eps_t, float(lower), float(upper)), be, dtype=dtype)
     if last is not None:
         _check_labels(y, x, last.out_features)

@@ -225,3 +225,14 @@ def test_residual_with_an_unsupported_layer_names_the_branch():
     model = nn.Sequential(nn.Flatten(), Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), nn.Linear(4, 2))
     with pytest.raises(TypeError, match=r"layer 1 \(Residual\), branch body: layer 1 \(Tanh\) is not supported"):
         pyibp.interval_bounds(model, torch.rand(1, 4), 0.1)
+
+
+def test_bounds_ignore_autocast():
+    model, shape = random_model(11)
+    x, y = _inputs(shape, 3, 11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lb, ub = pyibp.interval_bounds(model, x, 0.05)
+        m = pyibp.margin_bounds(model, x, y, 0.05)
+    assert lb.dtype == ub.dtype == m.dtype == torch.float32
+    torch.testing.assert_close(m, pyibp.margin_bounds(model, x, y, 0.05))
+    torch.testing.assert_close(lb, pyibp.interval_bounds(model, x, 0.05)[0])
