@@ -4,12 +4,14 @@ The public API::
 
     lb, ub = pyibp.interval_bounds(model, x, eps)          # bounds on every logit
     margins = pyibp.margin_bounds(model, x, y, eps)        # lower bounds of logit_y - logit_j
+    delta = pyibp.pgd(model, x, y, eps, alpha=0.01, steps=40)   # an attack inside the same box
 """
-from . import nn, ops
+from . import attacks, data, nn, ops, train
+from .attacks import fgsm, pgd
 from .bounds import interval_bounds, margin_bounds
 from .layers import SUPPORTED_LAYERS, flatten_layers
 
 __version__ = "0.1.0"
 
-__all__ = ["interval_bounds", "margin_bounds", "flatten_layers", "SUPPORTED_LAYERS", "nn", "ops",
-           "__version__"]
+__all__ = ["interval_bounds", "margin_bounds", "fgsm", "pgd", "flatten_layers", "SUPPORTED_LAYERS",
+           "attacks", "data", "nn", "ops", "train", "__version__"]

@@ -428,6 +428,13 @@ torch.library.register_autograd("pyibp::relu_relaxation", _relaxation_backward,
 
 # ---------------------------------------------------------------------------------------------
 # PGD steps (in place, no autograd: attacks run them under no_grad)
+def _bump_version(t: Tensor) -> None:
+    # The in-place kernels write through data pointers; bumping the version counter makes autograd
+    # raise, as for any in-place op, if `t` was saved for a backward pass that has not run yet.
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(t)
+
+
 def pgd_linf_step_(delta: Tensor, grad: Tensor, x: Tensor, eps: Tensor, alpha: Tensor,
                    lower: float, upper: float) -> Tensor:
     """One l∞ PGD step in place, one pass over memory; returns ``delta``.
@@ -446,6 +453,7 @@ def pgd_linf_step_(delta: Tensor, grad: Tensor, x: Tensor, eps: Tensor, alpha: T
         >>> _ = pgd_linf_step_(d, torch.randn(2, 3), x, torch.tensor(0.1), torch.tensor(0.05), 0., 1.)
     """
     _ops.pgd_linf_step_.default(delta, grad, x, eps, alpha, lower, upper)
+    _bump_version(delta)
     return delta
 
 
@@ -466,6 +474,7 @@ def pgd_l2_step_(delta: Tensor, grad: Tensor, x: Tensor, eps: Tensor, alpha: Ten
         >>> _ = pgd_l2_step_(d, torch.randn(2, 3), x, torch.tensor(0.5), torch.tensor(0.1), 0., 1.)
     """
     _ops.pgd_l2_step_.default(delta, grad, x, eps, alpha, lower, upper)
+    _bump_version(delta)
     return delta
 
 

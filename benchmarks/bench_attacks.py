@@ -1,0 +1,187 @@
+"""PGD-40 on the tutorial CNN: pyibp's attack against a tutorial-style loop, torchattacks, and the floor.
+
+One process, one run. For every device (CPU, and CUDA when present) it times l∞ PGD (ε=0.1,
+α=0.01, 40 steps, no random start) on ``pyibp.models.tutorial_cnn()`` with a batch of 100
+MNIST-shaped inputs:
+
+* ``tutorial``: the loop of "Adversarial Robustness: Theory and Practice" (``pgd_linf``):
+  ``loss.backward()`` with parameter gradients enabled, then separate sign / add / clamp ops
+  (plus the clamp onto [0, 1] that the tutorial leaves out, so all methods solve one problem);
+* ``pyibp``: :func:`pyibp.attacks.pgd`;
+* ``torchattacks``: ``torchattacks.PGD`` when it is importable (skipped otherwise);
+* ``floor``: ``steps`` × (forward + input-only backward through ``torch.autograd.grad`` with the
+  parameters' requires_grad off), no update at all: what any PGD must at least spend.
+
+Reports the median of ``--repeats`` timed runs after a warm-up round, the methods taking turns
+(``torch.cuda.synchronize()`` around each run on CUDA), prints a table with the ratios
+tutorial/pyibp and pyibp/floor, and writes JSON (default ``benchmarks/results/bench_attacks.json``).
+
+Usage:
+    python benchmarks/bench_attacks.py [--device cpu|cuda|all] [--repeats 5] [--quick] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyibp  # noqa: E402
+from pyibp.attacks import pgd  # noqa: E402
+from pyibp.models import tutorial_cnn  # noqa: E402
+
+EPS, ALPHA, BATCH = 0.1, 0.01, 100
+TARGETS = {"tutorial/pyibp (cpu)": ">= 1.3", "pyibp/floor": "<= 1.1"}
+
+
+def tutorial_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int) -> Tensor:
+    """The tutorial's pgd_linf, with the [0, 1] clamp, as people write it."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        loss = nn.CrossEntropyLoss()(model(x + delta), y)
+        loss.backward()
+        delta.data = (delta + alpha * delta.grad.detach().sign()).clamp(-eps, eps)
+        delta.data = torch.min(torch.max(delta.detach(), -x), 1 - x)
+        delta.grad.zero_()
+    return delta.detach()
+
+
+def floor_pgd(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> None:
+    """Only the gradient work: forward and input-only backward, ``steps`` times."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        delta = torch.zeros_like(x, requires_grad=True)
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+            torch.autograd.grad(loss, delta)
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def torchattacks_pgd() -> Optional[Callable]:
+    try:
+        import torchattacks
+    except ImportError:
+        return None
+
+    def run(model, x, y, eps, alpha, steps):
+        return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)(x, y) - x
+    return run
+
+
+def time_interleaved(methods: Dict[str, Callable[[], object]], model: nn.Module, device: torch.device,
+                     repeats: int) -> Dict[str, List[float]]:
+    """Seconds per run of every method; the methods take turns, so drifting load hits all alike."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: Dict[str, List[float]] = {name: [] for name in methods}
+    for round_ in range(repeats + 1):  # round 0 is the warm-up: allocator, kernels, lazy imports
+        for name, fn in methods.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)  # the tutorial loop leaves parameter gradients behind
+    return times
+
+
+def bench_device(device: torch.device, steps: int, repeats: int) -> Dict[str, object]:
+    torch.manual_seed(0)
+    model = tutorial_cnn().to(device).eval()
+    x = torch.rand(BATCH, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (BATCH,), device=device)
+    methods: Dict[str, Callable[[], object]] = {
+        "tutorial": lambda: tutorial_pgd(model, x, y, EPS, ALPHA, steps),
+        "pyibp": lambda: pgd(model, x, y, EPS, alpha=ALPHA, steps=steps),
+        "floor": lambda: floor_pgd(model, x, y, steps),
+    }
+    ta = torchattacks_pgd()
+    if ta is not None:
+        methods["torchattacks"] = lambda: ta(model, x, y, EPS, ALPHA, steps)
+    runs = time_interleaved(methods, model, device, repeats)
+    medians = {name: statistics.median(t) for name, t in runs.items()}
+    # The two implementations take the same steps; gradients may differ in the last bits (weight
+    # gradients on or off change the backward kernels), which can flip a few signs.
+    ours, theirs = pgd(model, x, y, EPS, alpha=ALPHA, steps=steps), tutorial_pgd(model, x, y, EPS, ALPHA, steps)
+    model.zero_grad(set_to_none=True)
+    agree = (ours == theirs).float().mean().item()
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "median_s": medians,
+        "min_s": {name: min(t) for name, t in runs.items()},
+        "runs_s": runs,
+        "ratios": {"tutorial/pyibp": medians["tutorial"] / medians["pyibp"],
+                   "pyibp/floor": medians["pyibp"] / medians["floor"],
+                   **({"torchattacks/pyibp": medians["torchattacks"] / medians["pyibp"]}
+                      if "torchattacks" in medians else {})},
+        "delta_agreement_with_tutorial": agree,
+        "torchattacks": "measured" if ta is not None else "not installed (skipped)",
+    }
+
+
+def print_table(results: List[Dict[str, object]], steps: int, repeats: int) -> None:
+    print(f"\nl∞ PGD-{steps} (eps={EPS}, alpha={ALPHA}) on tutorial_cnn, batch {BATCH} x 1x28x28; "
+          f"median of {repeats} interleaved runs after a warm-up")
+    header = f"{'device':<8}{'method':<14}{'median (s)':>12}{'per step (ms)':>15}{'vs pyibp':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        med = r["median_s"]
+        for name in ("tutorial", "torchattacks", "pyibp", "floor"):
+            if name in med:
+                print(f"{r['device']:<8}{name:<14}{med[name]:>12.4f}{1e3 * med[name] / steps:>15.2f}"
+                      f"{med[name] / med['pyibp']:>9.2f}x")
+        ratios = ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items())
+        print(f"{'':<8}{ratios}; deltas identical to the tutorial's: "
+              f"{100 * r['delta_agreement_with_tutorial']:.2f}%; torchattacks {r['torchattacks']}")
+    print("targets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                        help="'all': the CPU, and CUDA when available (default)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (default 5)")
+    parser.add_argument("--quick", action="store_true", help="10 steps and 3 repeats: a smoke run")
+    parser.add_argument("--steps", type=int, default=40, help="PGD steps (default 40)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_attacks.json")
+    args = parser.parse_args(argv)
+    steps, repeats = (10, 3) if args.quick else (args.steps, args.repeats)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False")
+    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
+    if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
+        devices.append(torch.device("cuda"))
+    results = [bench_device(d, steps, repeats) for d in devices]
+    print_table(results, steps, repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "pgd_linf", "model": "tutorial_cnn", "batch": BATCH, "eps": EPS, "alpha": ALPHA,
+              "steps": steps, "repeats": repeats, "quick": args.quick, "torch": torch.__version__,
+              "pyibp": pyibp.__version__, "python": platform.python_version(), "targets": TARGETS,
+              "results": results}
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
