@@ -46,14 +46,15 @@ std::tuple<at::Tensor, at::Tensor> input_box_cuda(const at::Tensor& x_in, const 
   TORCH_CHECK(lower <= upper, "lower (", lower, ") must be <= upper (", upper, ")");
   const at::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor eps = eps_in.to(x.device(), at::kFloat).contiguous();
+  // Double, so that a float64 box is not rounded to float32's eps.
+  const at::Tensor eps = eps_in.to(x.device(), at::kDouble).contiguous();
   at::Tensor mu = at::empty_like(x), rad = at::empty_like(x);
   const int64_t per = per_example(x);
   const bool shared_eps = eps.numel() == 1;
   PYIBP_DISPATCH(x.scalar_type(), "pyibp_input_box_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const float* ep = eps.data_ptr<float>();
+    const double* ep = eps.data_ptr<double>();
     scalar_t* m = mu.data_ptr<scalar_t>();
     scalar_t* r = rad.data_ptr<scalar_t>();
     const acc_t lo = static_cast<acc_t>(lower), hi = static_cast<acc_t>(upper);
