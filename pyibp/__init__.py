@@ -6,12 +6,15 @@ The public API::
     margins = pyibp.margin_bounds(model, x, y, eps)        # lower bounds of logit_y - logit_j
     delta = pyibp.pgd(model, x, y, eps, alpha=0.01, steps=40)   # an attack inside the same box
 """
-from . import attacks, data, nn, ops, train
+from . import attacks, certified_training, certify, data, distributed, nn, ops, schedules, train
 from .attacks import fgsm, pgd
 from .bounds import interval_bounds, margin_bounds
+from .certify import robustness_report, verify
+from .crown import crown_ibp_margin_bounds
 from .layers import SUPPORTED_LAYERS, flatten_layers
 
 __version__ = "0.1.0"
 
-__all__ = ["interval_bounds", "margin_bounds", "fgsm", "pgd", "flatten_layers", "SUPPORTED_LAYERS",
-           "attacks", "data", "nn", "ops", "train", "__version__"]
+__all__ = ["interval_bounds", "margin_bounds", "crown_ibp_margin_bounds", "fgsm", "pgd", "verify",
+           "robustness_report", "flatten_layers", "SUPPORTED_LAYERS", "attacks", "certified_training",
+           "certify", "data", "distributed", "nn", "ops", "schedules", "train", "__version__"]
