@@ -42,6 +42,45 @@ inline void check_weights(const at::Tensor& mu, const at::Tensor& weight, const 
   }
 }
 
+inline void check_input_box(const at::Tensor& x, const at::Tensor& eps, double lower, double upper) {
+  PYIBP_CHECK_FLOAT(x);
+  TORCH_CHECK(x.dim() >= 1, "x must have a batch dimension, got a 0-d tensor");
+  PYIBP_CHECK_PER_EXAMPLE(eps, x.size(0));
+  TORCH_CHECK(lower <= upper, "lower (", lower, ") must be <= upper (", upper, ")");
+}
+
+inline void check_relu_backward(const at::Tensor& grad_mu, const at::Tensor& grad_rad, const at::Tensor& out_mu,
+                                const at::Tensor& out_rad) {
+  check_pair(out_mu, out_rad);
+  check_pair(grad_mu, grad_rad);
+  PYIBP_CHECK_SAME_SHAPE(grad_mu, out_mu);
+}
+
+inline void check_affine(const at::Tensor& mu, const at::Tensor& rad, const at::Tensor& scale,
+                         const at::Tensor& shift) {
+  check_pair(mu, rad);
+  TORCH_CHECK(mu.dim() >= 2, "mu must have shape (B, C, ...), got ", mu.sizes());
+  const int64_t channels = mu.size(1);
+  TORCH_CHECK(scale.numel() == channels && shift.numel() == channels, "scale and shift must hold one "
+              "value per channel (", channels, "), got ", scale.sizes(), " and ", shift.sizes());
+}
+
+inline void check_margin_elision(const at::Tensor& mu, const at::Tensor& rad, const at::Tensor& weight,
+                                 const at::Tensor& labels) {
+  check_pair(mu, rad);
+  PYIBP_CHECK_DIM(mu, 2);
+  PYIBP_CHECK_DIM(weight, 2);
+  PYIBP_CHECK_SAME_DTYPE(mu, weight);
+  PYIBP_CHECK_SAME_DEVICE(mu, weight);
+  PYIBP_CHECK_SAME_DEVICE(mu, labels);
+  TORCH_CHECK(mu.size(1) == weight.size(1), "mu has ", mu.size(1), " features but weight expects ",
+              weight.size(1));
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == mu.size(0), "labels must have shape (", mu.size(0),
+              ",), got ", labels.sizes());
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()), "labels must be integers, got ",
+              labels.scalar_type());
+}
+
 // mu' = mu W^T (+ b when add_bias), rad' = rad |W|^T.
 inline std::pair<at::Tensor, at::Tensor> linear_products(const at::Tensor& mu, const at::Tensor& rad,
                                                          const at::Tensor& weight,

@@ -45,6 +45,18 @@ C10_HOST_DEVICE inline T project_exact(acc_t d, T x, acc_t e, acc_t lo, acc_t hi
   }
 }
 
+// Runs `body(contiguous delta)` and writes the result back when delta was not contiguous.
+template <typename Body>
+void in_place(at::Tensor& delta, const Body& body) {
+  if (delta.is_contiguous()) {
+    body(delta);
+    return;
+  }
+  at::Tensor work = delta.contiguous();
+  body(work);
+  delta.copy_(work);
+}
+
 inline void check_pgd_args(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& x,
                            const at::Tensor& eps, const at::Tensor& alpha, double lower, double upper) {
   PYIBP_CHECK_FLOAT(delta);

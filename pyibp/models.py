@@ -10,6 +10,22 @@ from .nn import Residual
 __all__ = ["tutorial_cnn", "cifar_cnn", "cnn7", "resnet_small", "MODELS", "build_model"]
 
 
+def _four_conv_cnn(in_channels: int, widths: Sequence[int], hidden: int, num_classes: int,
+                   image_size: int) -> nn.Sequential:
+    """Conv w0 - Conv w1 stride 2 - Conv w2 - Conv w3 stride 2 (3x3, padding 1), Linear hidden, Linear out."""
+    c0, c1, c2, c3 = widths
+    side = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c0, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c0, c1, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c2, c3, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(c3 * side * side, hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 def tutorial_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Sequential:
     """The CNN of "Adversarial Robustness: Theory and Practice", chapter 4 (``model_cnn``).
 
@@ -21,16 +37,7 @@ def tutorial_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 
         >>> tutorial_cnn()(torch.rand(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
-    side = image_size // 4
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * side * side, 100), nn.ReLU(),
-        nn.Linear(100, num_classes),
-    )
+    return _four_conv_cnn(in_channels, (32, 32, 64, 64), 100, num_classes, image_size)
 
 
 def cifar_cnn(in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> nn.Sequential:
@@ -42,16 +49,7 @@ def cifar_cnn(in_channels: int = 3, num_classes: int = 10, image_size: int = 32)
         >>> cifar_cnn()(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
-    side = image_size // 4
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(128, 128, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(128 * side * side, 512), nn.ReLU(),
-        nn.Linear(512, num_classes),
-    )
+    return _four_conv_cnn(in_channels, (64, 64, 128, 128), 512, num_classes, image_size)
 
 
 def cnn7(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 64,

@@ -14,18 +14,6 @@
 namespace pyibp {
 namespace {
 
-// Runs `body(contiguous delta)` and writes the result back when delta was not contiguous.
-template <typename Body>
-void in_place(at::Tensor& delta, const Body& body) {
-  if (delta.is_contiguous()) {
-    body(delta);
-    return;
-  }
-  at::Tensor work = delta.contiguous();
-  body(work);
-  delta.copy_(work);
-}
-
 // Per-example parameter as a contiguous double vector on the CPU (one value, or B values).
 at::Tensor per_example_values(const at::Tensor& p) { return p.to(at::kDouble).contiguous(); }
 

@@ -40,10 +40,7 @@ void bias_relu_epilogue(at::Tensor& mu, at::Tensor& rad, const std::optional<at:
 
 std::tuple<at::Tensor, at::Tensor> input_box_cuda(const at::Tensor& x_in, const at::Tensor& eps_in,
                                                   double lower, double upper) {
-  PYIBP_CHECK_FLOAT(x_in);
-  TORCH_CHECK(x_in.dim() >= 1, "x must have a batch dimension, got a 0-d tensor");
-  PYIBP_CHECK_PER_EXAMPLE(eps_in, x_in.size(0));
-  TORCH_CHECK(lower <= upper, "lower (", lower, ") must be <= upper (", upper, ")");
+  check_input_box(x_in, eps_in, lower, upper);
   const at::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   // Double, so that a float64 box is not rounded to float32's eps.
@@ -115,9 +112,7 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cuda(const at::Tensor&
                                                                const at::Tensor& grad_rad_in,
                                                                const at::Tensor& out_mu_in,
                                                                const at::Tensor& out_rad_in) {
-  check_pair(out_mu_in, out_rad_in);
-  check_pair(grad_mu_in, grad_rad_in);
-  PYIBP_CHECK_SAME_SHAPE(grad_mu_in, out_mu_in);
+  check_relu_backward(grad_mu_in, grad_rad_in, out_mu_in, out_rad_in);
   const at::cuda::OptionalCUDAGuard guard(grad_mu_in.device());
   const at::Tensor gm = grad_mu_in.contiguous(), gr = grad_rad_in.contiguous();
   const at::Tensor om = out_mu_in.contiguous(), orad = out_rad_in.contiguous();
@@ -146,12 +141,8 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cuda(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> interval_affine_cuda(const at::Tensor& mu_in, const at::Tensor& rad_in,
                                                         const at::Tensor& scale_in,
                                                         const at::Tensor& shift_in) {
-  check_pair(mu_in, rad_in);
-  TORCH_CHECK(mu_in.dim() >= 2, "mu must have shape (B, C, ...), got ", mu_in.sizes());
+  check_affine(mu_in, rad_in, scale_in, shift_in);
   const int64_t channels = mu_in.size(1);
-  TORCH_CHECK(scale_in.numel() == channels && shift_in.numel() == channels, "scale and shift must "
-              "hold one value per channel (", channels, "), got ", scale_in.sizes(), " and ",
-              shift_in.sizes());
   const at::cuda::OptionalCUDAGuard guard(mu_in.device());
   auto [mu, rad] = same_dense_layout(mu_in, rad_in);
   const at::Tensor scale = scale_in.to(mu.scalar_type()).contiguous();
@@ -236,18 +227,7 @@ __global__ void margin_elision_kernel(const scalar_t* __restrict__ mu, const sca
 
 at::Tensor margin_elision_cuda(const at::Tensor& mu_in, const at::Tensor& rad_in, const at::Tensor& weight_in,
                                const std::optional<at::Tensor>& bias_in, const at::Tensor& labels_in) {
-  check_pair(mu_in, rad_in);
-  PYIBP_CHECK_DIM(mu_in, 2);
-  PYIBP_CHECK_DIM(weight_in, 2);
-  PYIBP_CHECK_SAME_DTYPE(mu_in, weight_in);
-  PYIBP_CHECK_SAME_DEVICE(mu_in, weight_in);
-  PYIBP_CHECK_SAME_DEVICE(mu_in, labels_in);
-  TORCH_CHECK(mu_in.size(1) == weight_in.size(1), "mu has ", mu_in.size(1),
-              " features but weight expects ", weight_in.size(1));
-  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == mu_in.size(0), "labels must have shape (",
-              mu_in.size(0), ",), got ", labels_in.sizes());
-  TORCH_CHECK(!at::isFloatingType(labels_in.scalar_type()), "labels must be integers, got ",
-              labels_in.scalar_type());
+  check_margin_elision(mu_in, rad_in, weight_in, labels_in);
   const at::cuda::OptionalCUDAGuard guard(mu_in.device());
   const int64_t B = mu_in.size(0), F = mu_in.size(1), K = weight_in.size(0);
   const at::Tensor mu = mu_in.contiguous(), rad = rad_in.contiguous(), weight = weight_in.contiguous();

@@ -15,17 +15,6 @@ namespace {
 #define PYIBP_DISPATCH(type, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
 
-template <typename Body>
-void in_place(at::Tensor& delta, const Body& body) {
-  if (delta.is_contiguous()) {
-    body(delta);
-    return;
-  }
-  at::Tensor work = delta.contiguous();
-  body(work);
-  delta.copy_(work);
-}
-
 at::Tensor per_example_values(const at::Tensor& p, const at::Tensor& like) {
   return p.to(like.device(), at::kDouble).contiguous();
 }
