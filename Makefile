@@ -1,6 +1,6 @@
 # Two commands on a fresh machine with nothing but Python 3:
 #   make test   creates .venv, installs, builds the extension, runs the test suite
-#   make demo   the same set-up, then the main job available so far
+#   make demo   the same set-up, then the tutorial's experiment end to end (pyibp reproduce --quick)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) benchmarks/bench_bounds.py --models tutorial-cnn
+	$(VENV)/bin/pyibp reproduce --quick --device cpu --out runs/reproduce-quick --overwrite
 
 bench: install
 	$(PY) benchmarks/bench_bounds.py

