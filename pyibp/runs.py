@@ -652,8 +652,11 @@ def train_run(folder: PathLike, *, device: Device = "cpu", data_dir: Optional[Pa
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         epoch, step = state["epoch"], state["step"]
-    # Lines of epochs the checkpoint does not cover (killed between the two writes) are redone.
+    # Lines of epochs the checkpoint does not cover (killed between the two writes) are redone,
+    # and temporary files of writes a kill interrupted are dropped.
     records = truncate_metrics(folder / METRICS, epoch)
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     delay = _batch_delay()
     title = f"{folder.name}: {config.method}, {config.model} on {config.dataset}, ε = {config.eps}"
     bar = tqdm(total=config.epochs, initial=epoch, desc="epochs", unit="epoch", dynamic_ncols=True,
