@@ -16,14 +16,18 @@ float_dtypes: List[torch.dtype] = [torch.float32, torch.float64]
 rtol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def _randomize_batchnorm(bn: nn.modules.batchnorm._BatchNorm, gen: torch.Generator) -> None:
-    """Gives a BatchNorm non-trivial running statistics and affine parameters (signs included)."""
-    c = bn.num_features
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-        bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-        bn.weight.copy_(torch.randn(c, generator=gen))
-        bn.bias.copy_(torch.randn(c, generator=gen) * 0.5)
+def randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Gives every BatchNorm in ``model`` non-trivial running statistics and affine parameters
+    (signs included), so that bounds through it are tested on more than the identity map."""
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            c = bn.num_features
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                bn.weight.copy_(torch.randn(c, generator=gen))
+                bn.bias.copy_(torch.randn(c, generator=gen) * 0.5)
+    return model
 
 
 def random_model(seed: int, *, in_channels: int = 2, size: int = 8, num_classes: int = 5,
@@ -62,7 +66,7 @@ def random_model(seed: int, *, in_channels: int = 2, size: int = 8, num_classes:
         channels = out_channels
         if allow_batchnorm and pick(3) == 0:
             bn = nn.BatchNorm2d(channels)
-            _randomize_batchnorm(bn, gen)
+            randomize_batchnorm(bn, gen)
             layers.append(bn)
         layers.append(nn.ReLU())
         if allow_pool and side >= 2 and pick(3) == 0:
@@ -76,7 +80,7 @@ def random_model(seed: int, *, in_channels: int = 2, size: int = 8, num_classes:
         features = width
         if allow_batchnorm and pick(3) == 0:
             bn = nn.BatchNorm1d(features)
-            _randomize_batchnorm(bn, gen)
+            randomize_batchnorm(bn, gen)
             layers.append(bn)
         layers.append(nn.ReLU())
         if pick(4) == 0:

@@ -9,7 +9,7 @@ from torch import nn
 import pyibp
 from pyibp import ops
 from pyibp.models import tutorial_cnn
-from pyibp.testing import random_model, sample_box
+from pyibp.testing import random_model, randomize_batchnorm, sample_box
 
 seeds = st.integers(0, 2**31 - 1)
 eps_values = st.sampled_from([0.0, 1e-3, 0.02, 0.1, 0.3])
@@ -202,12 +202,7 @@ def test_compiles_without_graph_breaks():
 def test_model_zoo_bounds_are_sound(name):
     from pyibp.models import build_model
     torch.manual_seed(0)
-    model = build_model(name, 3, 10, 16)
-    for module in model.modules():  # non-trivial BatchNorm statistics
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    model.eval()
+    model = randomize_batchnorm(build_model(name, 3, 10, 16), torch.Generator().manual_seed(0)).eval()
     x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 7])
     lb, ub = pyibp.interval_bounds(model, x, 0.01)
     tlb, tub = pyibp.interval_bounds(model, x, 0.01, backend="torch")

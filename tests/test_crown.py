@@ -14,7 +14,7 @@ import pyibp
 from pyibp.crown import _ReluStep, crown_ibp_margin_bounds, crown_ibp_mixed_margins, margin_pass
 from pyibp.models import resnet_small
 from pyibp.nn import Normalize, Residual
-from pyibp.testing import devices, random_model, sample_box
+from pyibp.testing import devices, random_model, randomize_batchnorm, sample_box
 
 seeds = st.integers(0, 2**31 - 1)
 eps_values = st.sampled_from([0.0, 1e-3, 0.02, 0.1, 0.3])
@@ -161,15 +161,7 @@ def dense_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 # ---------------------------------------------------------------------------------------------
 # models
 def _randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = m.num_features
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.weight.copy_(torch.randn(c, generator=gen))
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
-    return model.eval()
+    return randomize_batchnorm(model, gen).eval()
 
 
 def residual_model(seed: int) -> Tuple[nn.Module, Tuple[int, ...]]:
