@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .bounds import _check_labels, _check_model_device, check_box
+from .bounds import _check_labels, _check_model_device, check_box, per_example_tensor
 from .distributed import unwrap
 
 __all__ = ["fgsm", "pgd", "FGSM", "PGD", "attack_loss", "NORMS", "LOSSES"]
@@ -90,16 +90,7 @@ def _check_scalar_eps(eps: Eps) -> None:
 
 def _check_alpha(alpha: Eps, x: Tensor) -> Tensor:
     """alpha as a float64 tensor of shape () or (B,) on x's device, every value finite and > 0."""
-    batch = x.shape[0]
-    if isinstance(alpha, Tensor):
-        if alpha.device != x.device:
-            raise ValueError(f"alpha is on {alpha.device} but x is on {x.device}; put both on one device")
-        if alpha.numel() != 1 and tuple(alpha.shape) != (batch,):
-            raise ValueError(f"alpha must be a float or a tensor of shape () or ({batch},), "
-                             f"got shape {tuple(alpha.shape)}")
-        a = alpha.detach().to(torch.float64).reshape(-1 if alpha.numel() != 1 else ())
-    else:
-        a = torch.tensor(float(alpha), dtype=torch.float64, device=x.device)
+    a = per_example_tensor("alpha", alpha, x, torch.float64)
     if a.numel() and not (torch.isfinite(a) & (a > 0)).all():
         bad = a[~(torch.isfinite(a) & (a > 0))].flatten()[0].item()
         raise ValueError(f"alpha (the step size) must be finite and > 0, got {bad}")

@@ -147,6 +147,20 @@ def _finite_range(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must be finite, got non-finite values such as {bad}")
 
 
+def per_example_tensor(name: str, value: Eps, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float or a tensor of one value per example of x's batch, as a tensor of shape () or (B,)
+    on x's device; ValueError naming ``name`` for a wrong shape or device."""
+    if not isinstance(value, Tensor):
+        return torch.tensor(float(value), dtype=dtype, device=x.device)
+    batch = x.shape[0]
+    if value.device != x.device:
+        raise ValueError(f"{name} is on {value.device} but x is on {x.device}; put both on one device")
+    if value.numel() != 1 and tuple(value.shape) != (batch,):
+        raise ValueError(f"{name} must be a float or a tensor of shape () or ({batch},), "
+                         f"got shape {tuple(value.shape)}")
+    return value.detach().to(dtype).reshape(-1 if value.numel() != 1 else ())
+
+
 def check_box(x: Tensor, eps: Eps, lower: float, upper: float) -> Tensor:
     """Validates an input box and returns eps as a tensor of x's dtype: shape () or (B,).
 
@@ -160,16 +174,7 @@ def check_box(x: Tensor, eps: Eps, lower: float, upper: float) -> Tensor:
         raise ValueError(f"x must have shape (B, ...) with a batch dimension, got {tuple(x.shape)}")
     if not lower <= upper:
         raise ValueError(f"lower ({lower}) must be <= upper ({upper})")
-    batch = x.shape[0]
-    if isinstance(eps, Tensor):
-        if eps.device != x.device:
-            raise ValueError(f"eps is on {eps.device} but x is on {x.device}; put both on one device")
-        if eps.numel() != 1 and tuple(eps.shape) != (batch,):
-            raise ValueError(f"eps must be a float or a tensor of shape () or ({batch},), "
-                             f"got shape {tuple(eps.shape)}")
-        eps_t = eps.detach().to(x.dtype).reshape(-1 if eps.numel() != 1 else ())
-    else:
-        eps_t = torch.tensor(float(eps), dtype=x.dtype, device=x.device)
+    eps_t = per_example_tensor("eps", eps, x, x.dtype)
     compiling = torch.compiler.is_compiling()
     if not compiling:  # data-dependent checks would break the graph
         _finite_range("eps", eps_t)
