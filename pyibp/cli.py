@@ -202,6 +202,15 @@ RECIPE_FIELDS = ("method", "model", "eps", "train_eps", "epochs", "batch_size", 
                  "test_subset", "eval_pgd_steps", "eval_pgd_subset", "dataset", "seed")
 
 
+def _run_evaluation_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    """What eval and certify share: the run folder, ε, the test examples and the data options."""
+    parser.add_argument("run", metavar="RUN_DIR", help="a run folder written by pyibp train")
+    parser.add_argument("--eps", type=_nonnegative, help="ε (default: the run's)")
+    parser.add_argument("--test-subset", type=_count(1), help=f"{verb} this many test examples (default: the run's)")
+    parser.add_argument("--batch-size", type=_count(1), help="examples per batch (default: 100 on cpu, 500 on cuda)")
+    _data_options(parser, with_dataset=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyibp`` argument parser with its subcommands."""
     from . import __version__
@@ -233,31 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
                 "Clean error and error under attack of a run's model on its test set; the result is\n"
                 "printed and merged into RUN_DIR/eval.json. An example counts as broken when it is\n"
                 "misclassified clean or after the attack.")
-    p.add_argument("run", metavar="RUN_DIR", help="a run folder written by pyibp train")
+    _run_evaluation_options(p, "attack")
     p.add_argument("--attack", choices=("fgsm", "pgd"), default="pgd", help="the attack")
-    p.add_argument("--eps", type=_nonnegative, help="ε (default: the run's)")
     p.add_argument("--steps", type=_count(1), default=40, help="PGD steps")
     p.add_argument("--alpha", type=_positive, help="PGD step size (default: 2.5 ε / steps)")
     p.add_argument("--restarts", type=_count(1), default=1, help="PGD restarts")
     p.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=None,
                    help="PGD from random points of the box (default: yes when --restarts > 1)")
-    p.add_argument("--test-subset", type=_count(1), help="attack this many test examples (default: the run's)")
-    p.add_argument("--batch-size", type=_count(1), help="examples per batch (default: 100 on cpu, 500 on cuda)")
-    _data_options(p, with_dataset=False)
     _common(p, seed_help="seeds the random starts")
 
     p = command("certify", "verified error of a trained run (IBP, CROWN-IBP)",
                 "Verified error of a run's model on its test set: an example is verified when it is\n"
                 "classified correctly and no input of its ε-box can change that, as the bounds prove.\n"
                 "The result is printed and merged into RUN_DIR/certify.json.")
-    p.add_argument("run", metavar="RUN_DIR", help="a run folder written by pyibp train")
+    _run_evaluation_options(p, "certify")
     p.add_argument("--method", nargs="+", choices=("ibp", "crown-ibp"), default=["ibp", "crown-ibp"],
                    help="bounding methods")
-    p.add_argument("--eps", type=_nonnegative, help="ε (default: the run's)")
     p.add_argument("--float64", action="store_true", help="compute the bounds in float64")
-    p.add_argument("--test-subset", type=_count(1), help="certify this many test examples (default: the run's)")
-    p.add_argument("--batch-size", type=_count(1), help="examples per batch (default: 100 on cpu, 500 on cuda)")
-    _data_options(p, with_dataset=False)
     _common(p, seed_help="unused (verification is deterministic); accepted for uniformity")
 
     p = command("landscape", "plot the loss surface around a test image, for several runs",

@@ -65,9 +65,7 @@ def random_model(seed: int, *, in_channels: int = 2, size: int = 8, num_classes:
         side = (side + 2 * padding - extent - 1) // stride + 1
         channels = out_channels
         if allow_batchnorm and pick(3) == 0:
-            bn = nn.BatchNorm2d(channels)
-            randomize_batchnorm(bn, gen)
-            layers.append(bn)
+            layers.append(randomize_batchnorm(nn.BatchNorm2d(channels), gen))
         layers.append(nn.ReLU())
         if allow_pool and side >= 2 and pick(3) == 0:
             layers.append([nn.AvgPool2d, nn.MaxPool2d][pick(2)](2))
@@ -79,9 +77,7 @@ def random_model(seed: int, *, in_channels: int = 2, size: int = 8, num_classes:
         layers.append(nn.Linear(features, width))
         features = width
         if allow_batchnorm and pick(3) == 0:
-            bn = nn.BatchNorm1d(features)
-            randomize_batchnorm(bn, gen)
-            layers.append(bn)
+            layers.append(randomize_batchnorm(nn.BatchNorm1d(features), gen))
         layers.append(nn.ReLU())
         if pick(4) == 0:
             layers.append([nn.Dropout(0.5), nn.Identity()][pick(2)])
