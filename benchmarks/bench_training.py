@@ -1,6 +1,6 @@
-"""Training throughput (images per second) of standard, PGD-7, IBP and CROWN-IBP training epochs,
-with 1 and 2 processes (torchrun; gloo on the CPU, NCCL on GPUs), and on CUDA with and without
-bf16 mixed precision and torch.compile. One run; prints a table and writes JSON.
+"""Training throughput (images per second) of standard, PGD-7, IBP and CROWN-IBP (margins, and with
+loss fusion) training epochs, with 1 and 2 processes (torchrun; gloo on the CPU, NCCL on GPUs), and on
+CUDA with and without bf16 mixed precision and torch.compile. One run; prints a table and writes JSON.
 
     python benchmarks/bench_training.py [--device cpu] [--procs 1 2] [--examples 800]
 
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, write_json  # noqa: E402
 
-METHODS = ("standard", "pgd7", "ibp", "crown-ibp")
+METHODS = ("standard", "pgd7", "ibp", "crown-ibp", "crown-ibp-lf")   # lf: with loss fusion
 
 
 def _epoch(method, model, loader, opt, eps):
@@ -36,7 +36,8 @@ def _epoch(method, model, loader, opt, eps):
     if method == "pgd7":
         return adversarial_train_epoch(model, loader, opt, eps=eps, alpha=eps / 4, steps=7, quiet=True)
     metrics, _ = certified_train_epoch(model, loader, opt, eps_schedule=eps, kappa_schedule=0.5,
-                                       method=method, quiet=True)
+                                       method=method.removesuffix("-lf"), loss_fusion=method.endswith("-lf"),
+                                       quiet=True)
     return metrics
 
 

@@ -12,6 +12,16 @@ inline bool is_channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// t itself when dense (row-major, or channels_last for 4-d), else a row-major copy.
+inline at::Tensor dense(const at::Tensor& t) {
+  return t.is_contiguous() || is_channels_last(t) ? t : t.contiguous();
+}
+
+// t in the dense layout of `like` (row-major, or channels_last when like is), copied only if needed.
+inline at::Tensor dense_like(const at::Tensor& t, const at::Tensor& like) {
+  return is_channels_last(like) ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
+}
+
 // Gives a and b one dense layout (row-major, or channels_last for 4-d), so that kernels can walk
 // both with one linear index; a channel's index then follows from the layout alone.
 inline std::pair<at::Tensor, at::Tensor> same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
@@ -54,6 +64,28 @@ inline void check_relu_backward(const at::Tensor& grad_mu, const at::Tensor& gra
   check_pair(out_mu, out_rad);
   check_pair(grad_mu, grad_rad);
   PYIBP_CHECK_SAME_SHAPE(grad_mu, out_mu);
+}
+
+inline void check_crown_relu_step(const at::Tensor& A, const at::Tensor& mu, const at::Tensor& rad) {
+  check_pair(mu, rad);
+  PYIBP_CHECK_DIM(A, 3);
+  PYIBP_CHECK_DIM(mu, 2);
+  PYIBP_CHECK_SAME_DTYPE(A, mu);
+  PYIBP_CHECK_SAME_DEVICE(A, mu);
+  TORCH_CHECK(A.size(0) == mu.size(0) && A.size(2) == mu.size(1), "A must have shape (B, R, N) = (",
+              mu.size(0), ", R, ", mu.size(1), ") to match mu (B, N), got ", A.sizes());
+}
+
+inline void check_crown_relu_step_backward(const at::Tensor& grad_out, const at::Tensor& grad_shift,
+                                           const at::Tensor& A, const at::Tensor& mu, const at::Tensor& rad) {
+  check_crown_relu_step(A, mu, rad);
+  PYIBP_CHECK_SAME_SHAPE(grad_out, A);
+  PYIBP_CHECK_SAME_DTYPE(grad_out, A);
+  PYIBP_CHECK_SAME_DTYPE(grad_shift, A);
+  PYIBP_CHECK_SAME_DEVICE(grad_out, A);
+  PYIBP_CHECK_SAME_DEVICE(grad_shift, A);
+  TORCH_CHECK(grad_shift.dim() == 2 && grad_shift.size(0) == A.size(0) && grad_shift.size(1) == A.size(1),
+              "grad_shift must have shape (", A.size(0), ", ", A.size(1), "), got ", grad_shift.sizes());
 }
 
 inline void check_affine(const at::Tensor& mu, const at::Tensor& rad, const at::Tensor& scale,

@@ -31,6 +31,12 @@ TORCH_LIBRARY(pyibp, m) {
   m.def("margin_elision(Tensor mu, Tensor rad, Tensor weight, Tensor? bias, Tensor labels) -> Tensor");
   // CROWN ReLU relaxation from pre-activation bounds: (lower slope, upper slope, upper intercept).
   m.def("relu_relaxation(Tensor lower, Tensor upper) -> (Tensor, Tensor, Tensor)");
+  // One CROWN step back through a ReLU whose pre-activation box is (mu, rad), (B, N): for the R
+  // rows of A (B, R, N), A+ * lower_slope + A- * upper_slope and the shift sum_n A- * upper_intercept
+  // (B, R), with the relaxation computed on the fly. The backward returns (grad_A, grad_mu, grad_rad).
+  m.def("crown_relu_step(Tensor A, Tensor mu, Tensor rad) -> (Tensor, Tensor)");
+  m.def("crown_relu_step_backward(Tensor grad_out, Tensor grad_shift, Tensor A, Tensor mu, Tensor rad) "
+        "-> (Tensor, Tensor, Tensor)");
   // In-place PGD updates, projected onto the eps-ball around x and the domain [lower, upper].
   m.def("pgd_linf_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor alpha, "
         "float lower, float upper) -> ()");

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .bounds import Eps, _check_labels, _check_model_device, check_box, margin_bounds
 from .crown import _margin_pass
+from .distributed import syncs_gradients
 from .layers import flatten_layers
 from .schedules import Schedule, as_schedule
 from .train import batches, eval_mode, model_device, progress
@@ -57,6 +58,11 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+def _check_loss_fusion(method: str, loss_fusion: bool) -> None:
+    if loss_fusion and method != "crown-ibp":
+        raise ValueError(f"loss_fusion applies to method='crown-ibp' only, got method={method!r}")
+
+
 def _check_unit(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:
@@ -67,19 +73,29 @@ def _check_unit(name: str, value: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # the bound part of the loss
 def _bounds(model: nn.Module, x: Tensor, y: Tensor, eps_t: Tensor, *, method: str, beta: float,
-            lower: float, upper: float, record: bool) -> Tuple[Tensor, Tensor, Optional[Pair], List[Pair]]:
-    """``(margins for the loss, IBP margins, input box, pre-activation boxes)`` on validated arguments.
+            lower: float, upper: float, record: bool, loss_fusion: bool = False
+            ) -> Tuple[Tensor, Tensor, Optional[Pair], List[Pair]]:
+    """``(robust CE (B,), IBP margins, input box, pre-activation boxes)`` on validated arguments.
 
-    The margins for the loss are the IBP ones, or ``beta * CROWN-IBP + (1 - beta) * IBP``. The boxes
-    are recorded only when ``record`` (they cost the fusion of Linear/Conv with ReLU).
+    The robust CE is ``CE(-m, y)`` of the IBP margins ``m``, or of ``beta * CROWN-IBP + (1 - beta) * IBP``
+    margins; with ``loss_fusion`` it is ``beta * fused + (1 - beta) * CE(-IBP)`` (the fused CROWN-IBP
+    bound, :func:`pyibp.crown.crown_ibp_robust_ce`). The boxes are recorded only when ``record``
+    (they cost the fusion of Linear/Conv with ReLU).
     """
     use_crown = method == "crown-ibp" and beta > 0
     if not use_crown and not record:
         ibp = margin_bounds(model, x, y, eps_t, lower=lower, upper=upper)
-        return ibp, ibp, None, []
-    p = _margin_pass(flatten_layers(model), x, y, eps_t, lower, upper, None, crown=use_crown)
-    margins = p.ibp if not use_crown else (p.crown if beta == 1.0 else beta * p.crown + (1 - beta) * p.ibp)
-    return margins, p.ibp, p.input_box, p.pre_activations
+        return _robust_ce(ibp, y), ibp, None, []
+    fused = use_crown and loss_fusion
+    p = _margin_pass(flatten_layers(model), x, y, eps_t, lower, upper, None, crown=use_crown and not fused,
+                     fused=fused, boxes=record)
+    if not use_crown:
+        robust = _robust_ce(p.ibp, y)
+    elif fused:
+        robust = p.fused_ce if beta == 1.0 else beta * p.fused_ce + (1 - beta) * _robust_ce(p.ibp, y)
+    else:
+        robust = _robust_ce(p.crown if beta == 1.0 else beta * p.crown + (1 - beta) * p.ibp, y)
+    return robust, p.ibp, p.input_box, p.pre_activations
 
 
 def _robust_ce(margins: Tensor, y: Tensor) -> Tensor:
@@ -88,7 +104,7 @@ def _robust_ce(margins: Tensor, y: Tensor) -> Tensor:
 
 
 def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, kappa: float, *, method: str = "ibp",
-             beta: float = 1.0, lower: float = 0.0, upper: float = 1.0) -> Tensor:
+             beta: float = 1.0, loss_fusion: bool = False, lower: float = 0.0, upper: float = 1.0) -> Tensor:
     """The certified-training loss ``kappa * CE(model(x), y) + (1 - kappa) * CE(-m, y)`` (a scalar).
 
     ``m`` are the margin lower bounds of :func:`pyibp.margin_bounds` (``method="ibp"``) or, for
@@ -96,9 +112,15 @@ def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, kappa: float, *, 
     (:func:`pyibp.crown.crown_ibp_mixed_margins`). The clean logits come from ``model`` in the
     mode it is in; the bounds from eval mode (see the module docstring).
 
+    With ``loss_fusion`` (CROWN-IBP only) the robust term is
+    ``beta * crown_ibp_robust_ce(...) + (1 - beta) * CE(-m_IBP, y)`` instead: CROWN bounds the loss
+    itself through one specification row per example rather than the K-1 margins (Xu et al. 2020),
+    which makes the CROWN pass about K-1 times cheaper (see :func:`pyibp.crown.crown_ibp_robust_ce`).
+
     Args:
         x: (B, *) in [lower, upper].  y: (B,) labels.  eps: float, () or (B,).
         kappa: weight of the clean loss, in [0, 1].  beta: CROWN-IBP's share of the bound, in [0, 1].
+        loss_fusion: bound the cross-entropy directly (CROWN-IBP only).
     Returns:
         A scalar tensor, the batch mean. Equivalent to::
 
@@ -111,17 +133,19 @@ def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, kappa: float, *, 
         >>> loss.backward()
     """
     _check_method(method)
+    _check_loss_fusion(method, loss_fusion)
     kappa, beta = _check_unit("kappa", kappa), _check_unit("beta", beta)
     eps_t = check_box(x, eps, lower, upper)
     _check_model_device(model, x)
     _check_labels(y, x, None)
-    clean = F.cross_entropy(model(x), y)
     if kappa == 1.0:
-        return clean
+        return F.cross_entropy(model(x), y)
     with eval_mode(model):
-        margins = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower, upper=upper,
-                          record=False)[0]
-    return kappa * clean + (1 - kappa) * _robust_ce(margins, y).mean()
+        robust = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower, upper=upper,
+                         record=False, loss_fusion=loss_fusion)[0].mean()
+    if kappa == 0.0 and not syncs_gradients(model):   # the clean pass would only add zeros
+        return robust
+    return kappa * F.cross_entropy(model(x), y) + (1 - kappa) * robust
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +234,7 @@ def shi_regularizer(input_box: Pair, pre_activations: Sequence[Pair], *,
 def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
                           eps_schedule: Union[float, Schedule], kappa_schedule: Union[float, Schedule],
                           beta_schedule: Union[float, Schedule, None] = None, method: str = "ibp",
-                          step_offset: int = 0, grad_clip: Optional[float] = None,
+                          loss_fusion: bool = False, step_offset: int = 0, grad_clip: Optional[float] = None,
                           scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
                           lower: float = 0.0, upper: float = 1.0, reg_tightness: float = 0.0,
                           reg_relu: float = 0.0, reg_tol: float = 0.5, quiet: bool = False,
@@ -230,6 +254,8 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
             :mod:`pyibp.schedules`, or numbers (constants). beta is used by ``method="crown-ibp"``
             only and defaults to 1 (pure CROWN-IBP bounds); at β = 0 the CROWN pass is skipped.
         method: ``"ibp"`` or ``"crown-ibp"``.
+        loss_fusion: CROWN-IBP bounds the cross-entropy itself, one CROWN row per example instead
+            of K-1 (see :func:`ibp_loss`).
         grad_clip: clip the gradients' total 2-norm to this value (Shi et al.: 10).
         scheduler: a learning-rate scheduler, stepped after every optimizer step (build step and
             cosine schedules with ``T_max``/milestones in steps, e.g. ``epochs * len(loader)``).
@@ -238,7 +264,7 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
     Returns:
         ``metrics`` with ``loss`` (mean training loss), ``clean_error`` (train-mode predictions),
         ``verified_error`` (IBP-verified error on the training batches, each at its step's ε, eval
-        mode), ``robust_loss`` (mean ``CE(-m, y)``), ``eps``, ``kappa``, ``beta`` (at the last step;
+        mode), ``robust_loss`` (the mean robust term of the loss), ``eps``, ``kappa``, ``beta`` (at the last step;
         0 for ``"ibp"``),
         ``seconds``, ``lr`` (at the end), ``examples``, ``steps``; and the global step after the epoch.
 
@@ -248,6 +274,7 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
         >>> metrics["verified_error"]
     """
     _check_method(method)
+    _check_loss_fusion(method, loss_fusion)
     eps_of = as_schedule(eps_schedule, "eps_schedule")
     kappa_of = as_schedule(kappa_schedule, "kappa_schedule")
     beta_of = as_schedule(1.0 if beta_schedule is None else beta_schedule, "beta_schedule")
@@ -282,13 +309,15 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
         _check_model_device(model, x)
         y = _check_labels(y, x, None).long()
 
-        logits = model(x)
+        # At κ = 0 the clean pass only feeds the metrics: no graph, no backward through it, unless
+        # DDP needs its forward pass to average the gradients.
+        with torch.set_grad_enabled(kappa > 0 or syncs_gradients(model)):
+            logits = model(x)
         clean = F.cross_entropy(logits, y, reduction="none")
         needs_bound_grad = kappa < 1.0 or reg_scale > 0
         with eval_mode(model), torch.set_grad_enabled(needs_bound_grad):
-            margins, ibp, box, pre = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower,
-                                             upper=upper, record=reg_scale > 0)
-        robust = _robust_ce(margins, y)
+            robust, ibp, box, pre = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower,
+                                            upper=upper, record=reg_scale > 0, loss_fusion=loss_fusion)
         loss = kappa * clean + (1 - kappa) * robust
         total = loss.mean()
         if reg_scale > 0:

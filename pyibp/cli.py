@@ -10,6 +10,13 @@
 Every command takes ``--device``, ``--seed``, ``--quiet`` and ``--json`` (the result as JSON on
 stdout, nothing else there). Bad arguments and missing data sets end with a one-line message and
 exit code 2.
+
+``pyibp train`` also runs unchanged under torchrun, on one node or several (rank 0 prints and
+writes the run folder; see :mod:`pyibp.runs`)::
+
+    torchrun --nproc_per_node 2 -m pyibp train --method ibp --out runs/ibp
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m pyibp train --method crown-ibp --amp bf16 --compile --out runs/crown
 """
 from __future__ import annotations
 
@@ -181,6 +188,9 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--beta-start", type=_unit,
                    help="crown-ibp: CROWN-IBP share of the bound at the start (default: 1)")
     c.add_argument("--beta-end", type=_unit, help="... after the ramp (default: 0, Zhang et al. 2020)")
+    c.add_argument("--loss-fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="crown-ibp: bound the cross-entropy itself through one CROWN row per example "
+                        "instead of K-1 margins (Xu et al. 2020; about K-1 times cheaper; default: yes)")
     c.add_argument("--ibp-init", action=argparse.BooleanOptionalAction, default=None,
                    help="IBP initialisation of Shi et al. 2021 (default: yes for ibp, crown-ibp)")
     c.add_argument("--grad-clip", type=_nonnegative,
@@ -198,8 +208,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 RECIPE_FIELDS = ("method", "model", "eps", "train_eps", "epochs", "batch_size", "optimizer", "lr", "momentum",
                  "weight_decay", "lr_schedule", "lr_decay_at", "lr_decay", "attack_steps", "attack_alpha",
                  "attack_random_start", "warmup_steps", "ramp_steps", "eps_ramp", "eps_list", "kappa_start",
-                 "kappa_end", "beta_start", "beta_end", "ibp_init", "grad_clip", "reg_weight", "train_subset",
-                 "test_subset", "eval_pgd_steps", "eval_pgd_subset", "dataset", "seed")
+                 "kappa_end", "beta_start", "beta_end", "loss_fusion", "ibp_init", "grad_clip", "reg_weight",
+                 "train_subset", "test_subset", "eval_pgd_steps", "eval_pgd_subset", "dataset", "seed")
 
 
 def _run_evaluation_options(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -227,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "train a model into a run folder",
                 "Trains a model and writes a run folder: config.json, metrics.jsonl (one line per epoch),\n"
                 "checkpoint.pt (replaced atomically every epoch) and curves.png. A run killed at any point\n"
-                "continues with --resume and ends as if never interrupted (same seed, CPU).",
+                "continues with --resume and ends as if never interrupted (same seed, CPU).\n\n"
+                "Runs unchanged under torchrun (torchrun --nproc_per_node N -m pyibp train ...): one process\n"
+                "per GPU (NCCL) or N CPU processes (gloo, --device cpu) with DistributedDataParallel, each\n"
+                "taking its slice of every global batch of --batch-size examples; rank 0 writes the run folder.",
                 epilog=_method_table())
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run folder")
     mode = p.add_mutually_exclusive_group()
@@ -235,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue the run in RUN_DIR (a new one if it holds none)")
     mode.add_argument("--overwrite", action="store_true", help="start over, deleting the run in RUN_DIR")
     _train_options(p)
+    s = p.add_argument_group("speed (not part of the recipe; under torchrun every process takes one device)")
+    s.add_argument("--amp", choices=("none", "bf16"), default="none",
+                   help="bf16: mixed precision for the training forward passes (meant for CUDA); bounds, loss "
+                        "and evaluation stay in float32")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the model of the training step's clean forward pass")
     _data_options(p, with_dataset=True)
     _common(p, seed_help="seeds the initialisation, the data order and the attacks' random starts")
 
@@ -331,21 +350,22 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 # ---------------------------------------------------------------------------------------------
 # output
 class Output:
-    """Where text goes: progress lines (not with --quiet), results (not with --json), JSON."""
+    """Where text goes: progress lines (not with --quiet), results (not with --json), JSON;
+    nothing at all when ``muted`` (the ranks > 0 of a torchrun group)."""
 
-    def __init__(self, quiet: bool, as_json: bool):
-        self.quiet, self.as_json = quiet, as_json
+    def __init__(self, quiet: bool, as_json: bool, muted: bool = False):
+        self.quiet, self.as_json, self.muted = quiet, as_json, muted
 
     def progress(self, text: str) -> None:
-        if not self.quiet:
+        if not (self.quiet or self.muted):
             print(text, file=sys.stderr if self.as_json else sys.stdout, flush=True)
 
     def show(self, text: str = "") -> None:
-        if not self.as_json:
+        if not (self.as_json or self.muted):
             print(text, flush=True)
 
     def result(self, payload: Any) -> None:
-        if self.as_json:
+        if self.as_json and not self.muted:
             print(json.dumps(payload, indent=2, default=str), flush=True)
 
 
@@ -377,6 +397,11 @@ def _torch_device(name: str):
         raise CLIError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
                        f"{torch.cuda.device_count()} GPUs); use --device cpu")
     return torch.device(name)
+
+
+def _launched_by_torchrun() -> bool:
+    from .distributed import launched_by_torchrun
+    return launched_by_torchrun()
 
 
 def _merge_json(path: Path, key: str, entry: Dict[str, Any]) -> None:
@@ -422,30 +447,57 @@ def _checked(make: Callable[[], Any]) -> Any:
         raise CLIError(f"--{name.replace('_', '-')} {rest}") from None
 
 
+def _train_recipe(folder: Path, config, args: argparse.Namespace, explicit: Set[str]):
+    """``(config, resuming)``: the recipe to train, the saved one when resuming a run (an option
+    that contradicts it is an error). Checks the folder; writes nothing."""
+    from .runs import CONFIG, check_run_folder, read_config
+    _folder_checked(lambda: check_run_folder(folder, resume=args.resume, overwrite=args.overwrite))
+    if not (args.resume and (folder / CONFIG).exists()):
+        return config, False
+    saved = read_config(folder)
+    clashes = [f"--{n.replace('_', '-')} ({getattr(config, n)!r} here, {getattr(saved, n)!r} saved)"
+               for n in RECIPE_FIELDS if n in explicit and getattr(config, n) != getattr(saved, n)]
+    if clashes:
+        raise CLIError(f"{folder} was started with another recipe: {', '.join(clashes)}; a resumed run keeps "
+                       "its config.json (drop these options, or start over with --overwrite)")
+    return saved, True
+
+
 def cmd_train(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
-    from .runs import CONFIG, check_run_folder, load_data, prepare_run_folder, read_config, train_run
+    from .distributed import init_distributed, shutdown
     device = _torch_device(args.device)
     config = _config_from_args(args)
+    # Under torchrun: join the process group (each rank on its own GPU, or the CPU); rank 0
+    # prints and touches the run folder. One process: a context of 1, nothing else changes.
+    ctx = init_distributed(device.type)
+    try:
+        return _train(args, out if ctx.is_main else Output(True, False, muted=True), explicit, config,
+                      ctx.device if ctx.enabled else device, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train(args: argparse.Namespace, out: Output, explicit: Set[str], config, device, ctx) -> int:
+    from .distributed import ShardedLoader, on_main
+    from .runs import load_data, prepare_run_folder, train_run
     folder = Path(args.out)
-    _folder_checked(lambda: check_run_folder(folder, resume=args.resume, overwrite=args.overwrite))
-    resuming = args.resume and (folder / CONFIG).exists()
-    if resuming:
-        saved = read_config(folder)
-        clashes = [f"--{n.replace('_', '-')} ({getattr(config, n)!r} here, {getattr(saved, n)!r} saved)"
-                   for n in RECIPE_FIELDS if n in explicit and getattr(config, n) != getattr(saved, n)]
-        if clashes:
-            raise CLIError(f"{folder} was started with another recipe: {', '.join(clashes)}; a resumed run keeps "
-                           "its config.json (drop these options, or start over with --overwrite)")
-        config = saved
-    # The data first: a missing data set must fail before anything is written.
+    config, resuming = on_main(lambda: _train_recipe(folder, config, args, explicit), ctx)
+    # The data first: a missing data set, or a last batch with no example for some rank, must fail
+    # before anything is written.
     data = load_data(config, data_dir=args.data_dir, download=args.download, device=device)
-    _folder_checked(lambda: prepare_run_folder(folder, config, resume=args.resume, overwrite=args.overwrite))
+    ShardedLoader(data[0], config.batch_size, ctx=ctx)
+    on_main(lambda: _folder_checked(lambda: prepare_run_folder(folder, config, resume=args.resume,
+                                                               overwrite=args.overwrite)), ctx)
+    where = f"{device}" + (f", {ctx.world_size} processes" if ctx.enabled else "")
+    where += "".join(f", {flag}" for flag, on in (("bf16 autocast", args.amp == "bf16"),
+                                                  ("torch.compile", args.compile)) if on)
     if resuming:
-        out.progress(f"resuming {folder} ({config.method}, {config.epochs} epochs)")
+        out.progress(f"resuming {folder} ({config.method}, {config.epochs} epochs) on {where}")
     else:
         out.progress(f"training {config.method} ({config.model} on {config.dataset}, ε = {config.eps}) "
-                     f"into {folder} on {device}")
-    records = train_run(folder, device=device, data=data, quiet=args.quiet, log=out.progress)
+                     f"into {folder} on {where}")
+    records = train_run(folder, device=device, data=data, quiet=args.quiet, log=out.progress, amp=args.amp,
+                        compile=args.compile, ctx=ctx)
     last = records[-1] if records else {}
     total = sum(r["seconds"] + r["eval_seconds"] for r in records)
     rows = [("epochs", f"{last.get('epoch', 0)}/{config.epochs}"), ("steps", last.get("step")),
@@ -853,6 +905,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Output(args.quiet, args.json)
     prog = f"{PROG} {args.command}"
     try:
+        if args.command != "train" and _launched_by_torchrun():
+            raise CLIError("only `pyibp train` runs under torchrun; run this command as one process")
         return COMMANDS[args.command](args, out, explicit)
     except CLIError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -11,7 +11,12 @@ rank its slice of every global batch. With DDP averaging the gradients, one step
 equals one step of a single process on the whole global batch.
 
 Only rank 0 writes logs and checkpoints (``ctx.is_main``); :func:`reduce_metrics` turns each
-rank's epoch metrics into the metrics of the whole epoch.
+rank's epoch metrics into the metrics of the whole epoch; :func:`on_main` runs a step (reading or
+preparing a run folder) on rank 0 alone and hands its result, or its exception, to every rank.
+
+Mixed precision: :class:`AutocastForward` runs a model's forward pass under ``torch.autocast``
+and is looked through by :func:`unwrap`, so pyibp's bounds and attacks, which unwrap the model,
+stay in float32 while the clean forward pass of each training step runs in bf16.
 
 Example (``torchrun --nproc_per_node 2 train.py``)::
 
@@ -25,8 +30,9 @@ Example (``torchrun --nproc_per_node 2 train.py``)::
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,7 +41,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 __all__ = ["DistContext", "init_distributed", "ShardedLoader", "reduce_metrics", "wrap_model", "unwrap",
-           "shutdown"]
+           "shutdown", "barrier", "broadcast_object", "on_main", "broadcast_buffers", "AutocastForward",
+           "launched_by_torchrun", "syncs_gradients"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,11 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun started as one of several (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_distributed(device: Optional[str] = None) -> DistContext:
@@ -89,6 +103,93 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def barrier(ctx: DistContext) -> None:
+    """Waits until every rank gets here (a no-op for one process)."""
+    if ctx.enabled:
+        dist.barrier(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def broadcast_object(obj: T, ctx: DistContext, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (pickled; ``obj`` of the other ranks is ignored).
+
+    Tensors arrive on the device they were pickled on: send CPU tensors (e.g. a checkpoint loaded
+    with ``map_location="cpu"``). Returns ``obj`` itself for one process. A step that may fail
+    on rank 0 goes through :func:`on_main` instead, which hands the error to every rank.
+
+    Example:
+        >>> seed = broadcast_object(random.randrange(2**31) if ctx.is_main else None, ctx)   # one seed for all
+    """
+    if not ctx.enabled:
+        return obj
+    box = [obj if ctx.rank == src else None]
+    dist.broadcast_object_list(box, src=src, device=ctx.device if ctx.device.type == "cuda" else None)
+    return box[0]
+
+
+def on_main(fn: Callable[[], T], ctx: DistContext) -> T:
+    """``fn()`` on rank 0 only; every rank returns its result, or raises its exception.
+
+    For the steps that touch a run folder (checking it, reading its recipe, creating it): rank 0
+    alone does them, so the folder need not be on a file system the other nodes share, and an
+    error there (a run in the way) stops every rank with the same message instead of leaving the
+    others waiting. For one process it is ``fn()``.
+    """
+    if not ctx.enabled:
+        return fn()
+    payload: Tuple[Any, Optional[BaseException]] = (None, None)
+    if ctx.is_main:
+        try:
+            payload = (fn(), None)
+        except Exception as err:  # noqa: BLE001 - handed to every rank, re-raised below
+            payload = (None, err)
+        try:
+            pickle.dumps(payload)
+        except Exception:  # an unpicklable result or exception still stops every rank
+            err = payload[1]
+            payload = (None, RuntimeError(f"on rank 0: {type(err).__name__}: {err}" if err is not None
+                                          else "on rank 0: the result cannot be sent to the other ranks"))
+    result, error = broadcast_object(payload, ctx)
+    if error is not None:
+        raise error
+    return result
+
+
+def broadcast_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Copies rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts them at the start of every forward pass, so after the last step of an epoch
+    each rank holds the statistics updated by its own slice; this makes evaluation and the saved
+    checkpoint use rank 0's on every rank. A no-op for one process.
+    """
+    if not ctx.enabled:
+        return
+    for buffer in unwrap(model).buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+class AutocastForward(nn.Module):
+    """``module``'s forward pass under ``torch.autocast(device_type, dtype)``, floating outputs
+    returned in float32 (the loss is then computed in float32, as autocast itself does for
+    cross-entropy).
+
+    :func:`unwrap` looks through it, and so do pyibp's bounds and attacks: wrap the model of a
+    certified training step to get a bf16 clean forward pass with bounds in float32.
+
+    Example:
+        >>> amp_model = AutocastForward(model, "cuda")          # logits (B, K) float32, bf16 inside
+        >>> certified_train_epoch(amp_model, loader, opt, eps_schedule=0.1, kappa_schedule=0.5)
+    """
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.module(*args, **kwargs)
+        return out.float() if isinstance(out, Tensor) and out.is_floating_point() else out
+
+
 def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     """``DistributedDataParallel(model)`` when there are several processes, else ``model``.
 
@@ -103,14 +204,30 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers."""
+    """The module inside DistributedDataParallel / DataParallel / ``torch.compile`` /
+    :class:`AutocastForward` wrappers, in any nesting."""
     while True:
-        if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, (DistributedDataParallel, nn.DataParallel, AutocastForward)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
             model = model._orig_mod
         else:
             return model
+
+
+def syncs_gradients(model: nn.Module) -> bool:
+    """Whether ``model`` is, or wraps, a DistributedDataParallel: its forward pass must then run
+    with gradients enabled in every training step, since that is what makes the backward pass
+    average the gradients over the ranks (also those of loss terms computed past the wrapper)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            return True
+        if isinstance(model, (nn.DataParallel, AutocastForward)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return False
 
 
 class ShardedLoader:
@@ -120,11 +237,24 @@ class ShardedLoader:
         dataset: a TensorDataset (held in memory).
         global_batch_size: examples per step over all ranks; rank r takes examples
             ``r, r + N, r + 2N, ...`` of each global batch (N = world size).
-        shuffle, seed: the order of epoch e is ``randperm(n)`` seeded with ``seed + e`` (call
-            :meth:`set_epoch` each epoch), the same on every rank and across resumed runs.
+        shuffle, seed: the order of epoch e is ``randperm(n)`` from a generator seeded with
+            ``seed + e`` (call :meth:`set_epoch` each epoch; it can also take the epoch's seed
+            itself), the same on every rank and across resumed runs. For one process the batches
+            are those of ``pyibp.data.loader(dataset, global_batch_size, shuffle=True, seed=s)``
+            with s the epoch's seed.
+
+    One step on N ranks equals one step on the whole global batch when every slice holds the same
+    number of examples (``global_batch_size`` and the last batch multiples of N): DDP averages the
+    ranks' gradients with equal weights. Otherwise slices differ by one example and the examples
+    of the smaller slices weigh slightly more.
+
+    Raises:
+        ValueError: ``global_batch_size`` is smaller than the number of processes, or the last
+            global batch is (some rank would get an empty batch).
     Example:
         >>> loader = ShardedLoader(train_set, 100, ctx=init_distributed("cpu"), seed=0)
         >>> loader.set_epoch(3); x, y = next(iter(loader))
+        >>> loader.set_epoch(3, seed=derive_seed(0, 3, "shuffle"))   # the seed of pyibp train
     """
 
     def __init__(self, dataset: TensorDataset, global_batch_size: int, *, ctx: DistContext,
@@ -132,12 +262,20 @@ class ShardedLoader:
         if global_batch_size < ctx.world_size:
             raise ValueError(f"global_batch_size ({global_batch_size}) must be >= the number of processes "
                              f"({ctx.world_size})")
+        n = len(dataset.tensors[0])
+        last = n % global_batch_size
+        if 0 < last < ctx.world_size:
+            raise ValueError(f"the last global batch holds {last} examples ({n} examples, global batch "
+                             f"{global_batch_size}), fewer than the {ctx.world_size} processes: a rank would get "
+                             "an empty batch; change the batch size or the number of examples")
         self.tensors = dataset.tensors
         self.global_batch_size, self.ctx, self.shuffle, self.seed = global_batch_size, ctx, shuffle, seed
-        self.epoch = 0
+        self.epoch, self.epoch_seed = 0, seed
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, *, seed: Optional[int] = None) -> None:
+        """The next pass is epoch ``epoch``, shuffled by ``seed`` (default: ``self.seed + epoch``)."""
         self.epoch = epoch
+        self.epoch_seed = self.seed + epoch if seed is None else seed
 
     def __len__(self) -> int:
         return -(-len(self.tensors[0]) // self.global_batch_size)
@@ -145,7 +283,7 @@ class ShardedLoader:
     def __iter__(self) -> Iterator[Tuple[Tensor, ...]]:
         n = len(self.tensors[0])
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.epoch_seed))
         else:
             order = torch.arange(n)
         order = order.to(self.tensors[0].device)

@@ -18,7 +18,7 @@ from . import _C  # noqa: F401  (loads the operator library)
 
 __all__ = [
     "input_box", "interval_linear", "interval_conv2d", "interval_relu", "interval_affine",
-    "center_to_interval", "interval_to_center", "margin_elision", "relu_relaxation",
+    "center_to_interval", "interval_to_center", "margin_elision", "relu_relaxation", "crown_relu_step",
     "pgd_linf_step_", "pgd_l2_step_", "abs_weight",
 ]
 
@@ -424,6 +424,57 @@ def _relaxation_backward(ctx, grad_lower_slope, grad_upper_slope, grad_upper_int
 
 torch.library.register_autograd("pyibp::relu_relaxation", _relaxation_backward,
                                 setup_context=_relaxation_setup)
+
+
+def crown_relu_step(A: Tensor, mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tensor]:
+    """One CROWN step back through a ReLU whose pre-activation box is ``(mu, rad)``, in one pass.
+
+    With ``(s_low, s_up, t) = relu_relaxation(mu - rad, mu + rad)`` computed on the fly, a lower
+    bound ``A relu(z)`` over the box is ``A⁺ s_low z + A⁻ (s_up z + t)``; this returns the new
+    coefficients and the constant it adds::
+
+        A⁺ * s_low + A⁻ * s_up,   (A⁻ * t).sum(-1)          # (B, R, N), (B, R)
+
+    with ``A⁺ = max(A, 0)``, ``A⁻ = min(A, 0)``. Differentiable in ``A``, ``mu`` and ``rad``
+    (the lower slope is piecewise constant and gets no gradient); once differentiable.
+
+    Args:
+        A: (B, R, N) — R specification rows per example over N features.
+        mu, rad: (B, N) centre and radius of the pre-activation box, the features in A's order.
+    Returns:
+        ``(A', shift)``: (B, R, N) contiguous and (B, R).
+
+    Example:
+        >>> A = torch.tensor([[[1.0, -2.0]]])
+        >>> crown_relu_step(A, torch.tensor([[1.0, 1.0]]), torch.tensor([[3.0, 3.0]]))
+        (tensor([[[ 1.0000, -1.3333]]]), tensor([[-2.6667]]))
+    """
+    return _ops.crown_relu_step.default(A, mu, rad)
+
+
+@torch.library.register_fake("pyibp::crown_relu_step")
+def _(A, mu, rad):
+    return A.new_empty(A.shape), A.new_empty(A.shape[:2])
+
+
+@torch.library.register_fake("pyibp::crown_relu_step_backward")
+def _(grad_out, grad_shift, A, mu, rad):
+    return A.new_empty(A.shape), mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+
+
+def _crown_relu_step_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _crown_relu_step_backward(ctx, grad_out, grad_shift):
+    A, mu, rad = ctx.saved_tensors
+    grad_A, grad_mu, grad_rad = _ops.crown_relu_step_backward.default(grad_out, grad_shift, A, mu, rad)
+    need = ctx.needs_input_grad
+    return grad_A if need[0] else None, grad_mu if need[1] else None, grad_rad if need[2] else None
+
+
+torch.library.register_autograd("pyibp::crown_relu_step", _crown_relu_step_backward,
+                                setup_context=_crown_relu_step_setup)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,6 +84,12 @@ def relu_relaxation_ref(lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor, T
     return lower_slope, upper_slope, upper_intercept
 
 
+def crown_relu_step_ref(A: Tensor, mu: Tensor, rad: Tensor) -> Pair:
+    lower_slope, upper_slope, intercept = (t[:, None] for t in relu_relaxation_ref(mu - rad, mu + rad))
+    A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
+    return A_pos * lower_slope.detach() + A_neg * upper_slope, (A_neg * intercept).sum(-1)
+
+
 def pgd_linf_step_ref(delta: Tensor, grad: Tensor, x: Tensor, eps: Tensor, alpha: Tensor,
                       lower: float, upper: float) -> Tensor:
     e, a = _per_example(eps.to(x.dtype), x), _per_example(alpha.to(x.dtype), x)

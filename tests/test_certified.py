@@ -90,10 +90,33 @@ def test_ibp_loss_is_the_kappa_mix_of_clean_and_robust_cross_entropy():
     mixed = pyibp.crown.crown_ibp_mixed_margins(model, x, y, EPS, 0.4)
     torch.testing.assert_close(ibp_loss(model, x, y, EPS, 0.0, method="crown-ibp", beta=0.4),
                                F.cross_entropy(-mixed, y))
+    fused = pyibp.crown.crown_ibp_robust_ce(model, x, y, EPS)
+    torch.testing.assert_close(ibp_loss(model, x, y, EPS, 0.3, method="crown-ibp", beta=0.4, loss_fusion=True),
+                               0.3 * F.cross_entropy(model(x), y)
+                               + 0.7 * (0.4 * fused + 0.6 * F.cross_entropy(-m, y, reduction="none")).mean())
     # the robust term bounds the worst case: it is at least the loss at any point of the box
     worst_point = x + pgd(model.eval(), x, y, EPS, alpha=EPS / 4, steps=10)
     assert F.cross_entropy(-m, y, reduction="none").ge(
         F.cross_entropy(model(worst_point), y, reduction="none") - 1e-5).all()
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.3])
+def test_a_training_step_is_one_optimizer_step_on_ibp_loss(kappa):
+    """At κ = 0 the clean pass runs without a graph (it only feeds the metrics): same step."""
+    torch.manual_seed(0)
+    model, reference = mlp(), mlp()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        error_before = float((model(x).argmax(1) != y).float().mean())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics, _ = certified_train_epoch(model, [(x, y)], opt, eps_schedule=EPS, kappa_schedule=kappa, quiet=True)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    ibp_loss(reference, x, y, EPS, kappa).backward()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+    assert metrics["clean_error"] == pytest.approx(error_before)
 
 
 def test_ibp_init_follows_shi_et_al():
@@ -197,7 +220,8 @@ def test_gradient_clipping_bounds_the_update(data):
     assert 0 < float((after - before).norm()) <= 1e-3 * (1 + 1e-5)
 
 
-def test_crown_ibp_training_with_beta_ramp_and_regularisers_runs_and_learns(data):
+@pytest.mark.parametrize("loss_fusion", [False, True])
+def test_crown_ibp_training_with_beta_ramp_and_regularisers_runs_and_learns(data, loss_fusion):
     train, _ = data
     torch.manual_seed(0)
     model = ibp_init(mlp())
@@ -208,8 +232,9 @@ def test_crown_ibp_training_with_beta_ramp_and_regularisers_runs_and_learns(data
     step, history = 0, []
     for _ in range(3):
         metrics, step = certified_train_epoch(model, batches, opt, eps_schedule=eps, kappa_schedule=0.5,
-                                              beta_schedule=beta, method="crown-ibp", step_offset=step,
-                                              reg_tightness=0.5, reg_relu=0.5, grad_clip=10.0, quiet=True)
+                                              beta_schedule=beta, method="crown-ibp", loss_fusion=loss_fusion,
+                                              step_offset=step, reg_tightness=0.5, reg_relu=0.5, grad_clip=10.0,
+                                              quiet=True)
         history.append(metrics)
     assert [m["beta"] for m in history] == [beta(9), beta(19), beta(29)]
     assert all(math.isfinite(m["loss"]) for m in history)
@@ -228,6 +253,7 @@ def test_regularisers_need_a_schedule_with_a_final_value(data):
     (dict(kappa_schedule=1.5), r"kappa must lie in \[0, 1\], got 1.5"),
     (dict(grad_clip=0.0), r"grad_clip must be > 0 or None, got 0.0"),
     (dict(step_offset=-1), r"step_offset must be >= 0, got -1"),
+    (dict(loss_fusion=True), r"loss_fusion applies to method='crown-ibp' only, got method='ibp'"),
 ])
 def test_training_errors_name_the_value(data, kwargs, message):
     train, _ = data

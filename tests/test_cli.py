@@ -191,6 +191,7 @@ def test_reproduce_prints_the_tutorials_tables(tmp_path):
     (["train", "--out", "x", "--dataset", "imagenet"], ["--dataset", "imagenet"]),
     (["train", "--out", "x", "--resume", "--overwrite"], ["--overwrite", "--resume"]),
     (["train", "--out", "x", "--kappa-end", "1.5"], ["--kappa-end", "[0, 1]"]),
+    (["train", "--out", "x", "--amp", "fp16"], ["--amp", "fp16"]),
     (["eval", "/nonexistent/run"], ["/nonexistent/run", "no run"]),
     (["landscape", "/nonexistent/run", "--points", "1"], ["--points", ">= 2"]),
     (["bench", "--benchmarks-dir", "/nonexistent"], ["/nonexistent", "--benchmarks-dir"]),

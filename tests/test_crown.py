@@ -1,7 +1,9 @@
-"""CROWN-IBP margin bounds: agreement with an independent dense float64 implementation (IBP and
-CROWN-IBP), soundness at sampled and attacked points, never looser than IBP, gradients, errors."""
+"""CROWN-IBP margin bounds and the loss-fusion bound of the cross-entropy: agreement with an
+independent dense float64 implementation, soundness at sampled and attacked points, never looser
+than IBP, gradients, errors."""
 import copy
 import itertools
+import math
 from typing import List, Tuple
 
 import pytest
@@ -11,7 +13,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pyibp
-from pyibp.crown import _ReluStep, crown_ibp_margin_bounds, crown_ibp_mixed_margins, margin_pass
+import torch.nn.functional as F
+
+from pyibp.crown import (_back_relu, crown_ibp_margin_bounds, crown_ibp_mixed_margins, crown_ibp_robust_ce,
+                         margin_pass)
 from pyibp.models import resnet_small
 from pyibp.nn import Normalize, Residual
 from pyibp.testing import devices, random_model, randomize_batchnorm, sample_box
@@ -158,6 +163,35 @@ def dense_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     return torch.stack(ibp_out), torch.stack(crown_out)
 
 
+def dense_fused_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lower=0.0, upper=1.0):
+    """(B,) the loss-fusion bound of max CE over the box, float64, by explicit matrices: IBP bounds
+    [l_j, u_j] of d_j = z_j - z_y, exp below its chord on each, one CROWN row sum_j w_j (W_y - W_j)."""
+    layers = _leaves(copy.deepcopy(model).double())
+    ops, _ = _dense_ops(layers, tuple(x.shape[1:]))
+    out = []
+    for xi, yi in zip(x.double(), y):
+        lo = (xi - eps).clamp(min=lower).flatten()
+        hi = (xi + eps).clamp(max=upper).flatten()
+        records = []
+        last_lo, last_hi = _ibp(ops[:-1], lo, hi, records)
+        _, W, b = ops[-1]
+        mid, rad = (last_hi + last_lo) / 2, (last_hi - last_lo) / 2
+        others = [j for j in range(W.shape[0]) if j != yi]
+        D = W[others] - W[yi]                                   # rows of d_j
+        d_mid, d_rad = D @ mid + b[others] - b[yi], D.abs() @ rad
+        l, u = d_mid - d_rad, d_mid + d_rad
+        M = max(0.0, float(u.max()))
+        w = torch.where(u - l > 1e-6, (torch.exp(u - M) - torch.exp(l - M)) / (u - l).clamp(min=1e-300),
+                        torch.exp(u - M))
+        offset = math.exp(-M) + float((torch.exp(l - M) - w * l).sum())
+        row, const = -(w @ D)[None], -(w @ (b[others] - b[yi]))[None]
+        lam, c = _crown_back(ops[:-1], row, const, records)
+        in_mid, in_rad = (hi + lo) / 2, (hi - lo) / 2
+        low_bound = float(lam @ in_mid - lam.abs() @ in_rad + c)
+        out.append(M + math.log(max(offset - low_bound, math.exp(-M))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 # ---------------------------------------------------------------------------------------------
 # models
 def _randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> nn.Module:
@@ -221,6 +255,24 @@ def test_ibp_and_crown_ibp_match_dense_float64_implementation(seed, eps, kind, i
                                rtol=1e-9, atol=1e-9 * scale)
 
 
+@settings(max_examples=20)
+@given(seed=seeds, eps=eps_values, kind=kinds, in_channels=channels, size=sizes)
+def test_loss_fusion_matches_dense_float64_implementation(seed, eps, kind, in_channels, size):
+    model, shape = _any_model(kind, seed, in_channels, size)
+    model = model.double()
+    x, y = _inputs(shape, 2, seed)
+    if kind == "pooled":  # no final Linear: the dense version gets the identity map as "last layer"
+        reference_model = nn.Sequential(model, nn.Linear(5, 5).double().requires_grad_(False))
+        with torch.no_grad():
+            reference_model[-1].weight.copy_(torch.eye(5))
+            reference_model[-1].bias.zero_()
+    else:
+        reference_model = model
+    expected = dense_fused_ce(reference_model, x, y, eps)
+    fused = crown_ibp_robust_ce(model, x, y, eps)
+    torch.testing.assert_close(fused, expected, rtol=1e-8, atol=1e-8)
+
+
 def test_float64_computation_of_a_float32_model_matches_dense_reference():
     model, shape = random_model(11)
     x, y = _inputs(shape, 3, 11, torch.float32)
@@ -280,6 +332,54 @@ def test_crown_ibp_is_sound_and_never_looser_than_ibp(seed, eps, kind, in_channe
     assert (raw <= true + slack).all()
 
 
+def _ce_attack_points(model, x, y, eps, steps=20, restarts=2, seed=0):
+    """PGD on the cross-entropy inside the box, from random starts: (restarts, B, *)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    found = []
+    for _ in range(restarts):
+        z = lo + (hi - lo) * torch.rand(x.shape, generator=gen, dtype=x.dtype)
+        for _ in range(steps):
+            z.requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(z), y, reduction="sum"), z)
+            z = torch.minimum(torch.maximum(z.detach() + eps / 4 * g.sign(), lo), hi)
+        found.append(z)
+    return torch.stack(found)
+
+
+@settings(max_examples=25)
+@given(seed=seeds, eps=st.sampled_from([0.0, 1e-3, 0.02, 0.1]), kind=kinds, in_channels=channels, size=sizes,
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_loss_fusion_bounds_the_worst_case_cross_entropy(seed, eps, kind, in_channels, size, dtype):
+    model, shape = _any_model(kind, seed, in_channels, size)
+    model = model.to(dtype)
+    x, y = _inputs(shape, 3, seed, dtype)
+    bound = crown_ibp_robust_ce(model, x, y, eps)
+    assert bound.shape == (3,) and torch.isfinite(bound).all() and (bound >= 0).all()
+    points = torch.cat([sample_box(x, torch.tensor(eps, dtype=dtype), 500,
+                                   generator=torch.Generator().manual_seed(seed)),
+                        _ce_attack_points(model, x, y, eps, seed=seed)])
+    with torch.no_grad():
+        logits = model(points.flatten(0, 1))
+        ce = F.cross_entropy(logits, y.repeat(points.shape[0]), reduction="none").view(points.shape[0], -1)
+    worst = ce.amax(0)
+    slack = (1e-4 if dtype == torch.float32 else 1e-10) * max(1.0, float(logits.abs().max()))
+    assert (bound >= worst - slack).all()
+    # IBP's own bound of the loss, CE(-m_IBP), is the fused bound's fallback: both are sound.
+    assert (F.cross_entropy(-pyibp.margin_bounds(model, x, y, eps), y, reduction="none") >= worst - slack).all()
+
+
+def test_loss_fusion_is_exact_at_zero_eps_and_tighter_than_ibp_on_a_random_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 20), nn.ReLU(), nn.Linear(20, 10)).eval()
+    x, y = torch.rand(16, 1, 14, 14), torch.randint(0, 10, (16,))
+    torch.testing.assert_close(crown_ibp_robust_ce(model, x, y, 0.0), F.cross_entropy(model(x), y, reduction="none"))
+    fused = crown_ibp_robust_ce(model, x, y, 0.02)
+    ibp = F.cross_entropy(-pyibp.margin_bounds(model, x, y, 0.02), y, reduction="none")
+    assert (fused < ibp).float().mean() > 0.9
+
+
 def test_crown_ibp_is_much_tighter_than_ibp_on_a_random_cnn():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
@@ -301,23 +401,22 @@ def test_zero_eps_gives_the_exact_margins():
 
 # ---------------------------------------------------------------------------------------------
 # gradients
-def test_relu_step_backward_matches_autograd_of_the_plain_formula():
+def test_relu_step_matches_the_plain_formula_in_both_layouts():
     gen = torch.Generator().manual_seed(0)
     for channels_last in (False, True):
         A = torch.randn(2 * 3, 4, 5, 5, generator=gen, dtype=torch.float64)
-        if channels_last:
+        A = A + A.sign() * 0.1                 # away from the kink at A = 0, for gradcheck
+        if channels_last:                      # as conv_transpose2d leaves it
             A = A.contiguous(memory_format=torch.channels_last)
         A = A.view(2, 3, 4, 5, 5).requires_grad_(True)
-        low = (torch.rand(2, 1, 4, 5, 5, generator=gen) > 0.5).double()
-        up = torch.rand(2, 1, 4, 5, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
-        icpt = torch.rand(2, 1, 4, 5, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
-        if channels_last:
-            up, icpt = (t.detach().squeeze(1).contiguous(memory_format=torch.channels_last).unsqueeze(1)
-                        .requires_grad_(True) for t in (up, icpt))
-        out, const = _ReluStep.apply(A, low, up, icpt)
+        mu = torch.randn(2, 4, 5, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
+        rad = (torch.rand(2, 4, 5, 5, generator=gen, dtype=torch.float64) + 0.1).requires_grad_(True)
+        const = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+        out, new_const = _back_relu(A, const, mu, rad)
+        low, up, icpt = (t[:, None] for t in pyibp.ops.relu_relaxation(mu - rad, mu + rad))
         torch.testing.assert_close(out, A.clamp(min=0) * low + A.clamp(max=0) * up)
-        torch.testing.assert_close(const, (A.clamp(max=0) * icpt).sum((2, 3, 4)))
-        assert torch.autograd.gradcheck(lambda a, u, t: _ReluStep.apply(a, low, u, t), (A, up, icpt))
+        torch.testing.assert_close(new_const, const + (A.clamp(max=0) * icpt).sum((2, 3, 4)))
+        assert torch.autograd.gradcheck(lambda a, m, r: _back_relu(a, const, m, r), (A, mu, rad))
 
 
 class _Margins(nn.Module):
@@ -344,11 +443,14 @@ def test_gradcheck_of_crown_ibp_margins_with_respect_to_parameters():
     assert torch.autograd.gradcheck(margins, params, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_gradients_reach_every_weight(beta):
+@pytest.mark.parametrize("bound", ["beta=0", "beta=0.5", "beta=1", "loss-fusion"])
+def test_gradients_reach_every_weight(bound):
     model, shape = random_model(2)
     x, y = _inputs(shape, 4, 2, torch.float32)
-    crown_ibp_mixed_margins(model, x, y, 0.05, beta).sum().backward()
+    if bound == "loss-fusion":
+        crown_ibp_robust_ce(model, x, y, 0.05).sum().backward()
+    else:
+        crown_ibp_mixed_margins(model, x, y, 0.05, float(bound[5:])).sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     weights = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
@@ -421,9 +523,11 @@ def test_pre_activations_are_recorded_in_network_order():
 def test_devices_agree_with_cpu(device):
     model, shape = random_model(13)
     x, y = _inputs(shape, 4, 13, torch.float32)
-    expected = crown_ibp_margin_bounds(model, x, y, 0.05)
-    got = crown_ibp_margin_bounds(model.to(device), x.to(device), y.to(device), 0.05)
-    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+    expected = crown_ibp_margin_bounds(model, x, y, 0.05), crown_ibp_robust_ce(model, x, y, 0.05)
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    got = crown_ibp_margin_bounds(model, x, y, 0.05), crown_ibp_robust_ce(model, x, y, 0.05)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("call,message", [
@@ -432,8 +536,22 @@ def test_devices_agree_with_cpu(device):
     (lambda m, x, y: crown_ibp_margin_bounds(m, x, torch.tensor([0, 9]), 0.1),
      r"labels y must lie in \[0, 3\), got values in \[0, 9\]"),
     (lambda m, x, y: crown_ibp_margin_bounds(m, x * 3, y, 0.1), r"outside the input domain"),
+    (lambda m, x, y: crown_ibp_robust_ce(m, x, y, -0.1), r"eps must be >= 0, got -0.1"),
 ])
 def test_bad_input_is_a_value_error(call, message):
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     with pytest.raises(ValueError, match=message):
         call(model, torch.rand(2, 4) * 0.5 + 0.25, torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("make", [lambda m, x, y: crown_ibp_margin_bounds(m, x, y, 0.05),
+                                  lambda m, x, y: crown_ibp_robust_ce(m, x, y, 0.05),
+                                  lambda m, x, y: margin_pass(m, x, y, 0.05).pre_activations[0][0]])
+def test_autocast_is_ignored(make):
+    model, shape = random_model(3)
+    x, y = _inputs(shape, 3, 3, torch.float32)
+    expected = make(model, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = make(model, x, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)

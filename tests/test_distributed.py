@@ -56,3 +56,39 @@ def test_sharded_loader_gives_each_rank_its_slice_of_the_same_global_batches():
     for step, (_, y) in enumerate(single):
         merged = torch.cat([slices[r][step] for r in range(3)])
         assert sorted(merged.tolist()) == sorted(y.tolist())
+
+
+def test_sharded_loader_takes_the_epoch_seed_and_matches_pyibp_data_loader():
+    from pyibp.data import loader
+    data = torch.utils.data.TensorDataset(torch.rand(103, 2), torch.arange(103))
+    sharded = distributed.ShardedLoader(data, 10, ctx=distributed.DistContext())
+    sharded.set_epoch(4, seed=1234)
+    reference = list(loader(data, 10, shuffle=True, seed=1234))
+    assert len(list(sharded)) == len(reference) == 11
+    for (x, y), (x_ref, y_ref) in zip(sharded, reference):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    sharded.set_epoch(4)                                   # default: seed + epoch, as before
+    assert [y.tolist() for _, y in sharded] == [y.tolist() for _, y in loader(data, 10, shuffle=True, seed=4)]
+
+
+def test_sharded_loader_refuses_a_last_batch_without_an_example_for_every_rank():
+    data = torch.utils.data.TensorDataset(torch.arange(101)[:, None].float(), torch.arange(101))
+    with pytest.raises(ValueError, match="last global batch holds 1 examples.*3 processes"):
+        distributed.ShardedLoader(data, 10, ctx=distributed.DistContext(rank=0, world_size=3))
+    distributed.ShardedLoader(data, 10, ctx=distributed.DistContext(rank=0, world_size=1))   # one process: fine
+
+
+def test_autocast_forward_runs_the_model_in_bf16_and_the_bounds_in_float32():
+    import pyibp
+    from pyibp.models import tutorial_cnn
+    torch.manual_seed(0)
+    model = tutorial_cnn().eval()
+    amp_model = distributed.AutocastForward(model, "cpu")
+    inner = []
+    model[0].register_forward_hook(lambda module, args, out: inner.append(out.dtype))
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    logits = amp_model(x)
+    assert inner == [torch.bfloat16] and logits.dtype == torch.float32
+    assert distributed.unwrap(amp_model) is model
+    margins = pyibp.margin_bounds(amp_model, x, y, 0.01)
+    assert margins.dtype == torch.float32 and torch.equal(margins, pyibp.margin_bounds(model, x, y, 0.01))

@@ -48,6 +48,40 @@ def test_elementwise_ops_match_reference(device, dtype, layout):
     close(ops.relu_relaxation(lo, hi), reference.relu_relaxation_ref(lo, hi), dtype)
 
 
+def _crown_relu_inputs(batch, rows, n, dtype, device):
+    """A with entries of both signs and exact zeros; boxes active, inactive and unstable (both
+    sides of u = -l, where the lower slope flips)."""
+    A = torch.randn(batch, rows, n, dtype=dtype, device=device)
+    A[A.abs() < 0.2] = 0.0
+    mu, rad = torch.randn(batch, n, dtype=dtype, device=device), torch.rand(batch, n, dtype=dtype, device=device) * 2
+    return A, mu, rad
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("shape", [(5, 9, 37), (3, 1, 1000), (0, 9, 4), (2, 0, 4), (2, 3, 0)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_crown_relu_step_matches_reference(device, dtype, shape, layout):
+    A, mu, rad = _crown_relu_inputs(*shape, dtype, device)
+    if layout == "strided":
+        A, mu = noncontiguous(A), noncontiguous(mu)
+    out = ops.crown_relu_step(A, mu, rad)
+    assert out[0].shape == A.shape and out[1].shape == A.shape[:2]
+    close(out, reference.crown_relu_step_ref(A, mu, rad), dtype)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_crown_relu_step_gradients_match_reference_autograd(device):
+    torch.manual_seed(1)
+    A, mu, rad = _crown_relu_inputs(4, 3, 50, torch.float64, device)
+    A[A == 0] = 0.5  # A = 0 is a kink, where either one-sided derivative is right
+    inputs = [t.requires_grad_() for t in (A, mu, rad)]
+    g = torch.randn_like(A), torch.randn(4, 3, dtype=torch.float64, device=device)
+    fused = torch.autograd.grad(ops.crown_relu_step(*inputs), inputs, g)
+    expected = torch.autograd.grad(reference.crown_relu_step_ref(*inputs), inputs, g)
+    for a, e in zip(fused, expected):
+        torch.testing.assert_close(a, e)
+
+
 @pytest.mark.parametrize("device,dtype", CASES)
 def test_channels_last_layout_is_kept_and_correct(device, dtype):
     mu, rad = pair((2, 4, 3, 3), dtype, device)
@@ -189,6 +223,12 @@ def test_gradcheck_affine_conversions_input_box_margins_relaxation():
     upper[0] = 1.5
     lower[1] = -1.5
     assert torch.autograd.gradcheck(ops.relu_relaxation, (lower.requires_grad_(), upper.requires_grad_()))
+    # Away from the kinks (A = 0, l = 0, u = 0, u = -l), where the step is smooth.
+    A = _d(2, 3, 6)
+    A = (A + A.detach().sign() * 0.3).detach().requires_grad_()
+    mu = torch.tensor([[0.5, -0.5, 0.2, -0.2, 1.5, -1.5]] * 2, dtype=torch.float64, requires_grad=True)
+    rad = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.crown_relu_step, (A, mu, rad))
 
 
 def test_gradients_match_reference_autograd():
@@ -226,6 +266,11 @@ def test_opcheck_all_operators(device):
     _opcheck(torch.ops.pyibp.center_to_interval.default, (mu, rad))
     _opcheck(torch.ops.pyibp.interval_to_center.default, (mu, rad))
     _opcheck(torch.ops.pyibp.relu_relaxation.default, (mu - rad, mu + rad))
+    flat_mu, flat_rad = mu.flatten(1), rad.flatten(1)
+    A = torch.randn(3, 2, flat_mu.shape[1], **kw, requires_grad=True)
+    _opcheck(torch.ops.pyibp.crown_relu_step.default, (A, flat_mu, flat_rad))
+    _opcheck(torch.ops.pyibp.crown_relu_step_backward.default,
+             (torch.randn_like(A), torch.randn(3, 2, **kw), A.detach(), flat_mu.detach(), flat_rad.detach()))
     for relu in (False, True):
         _opcheck(torch.ops.pyibp.interval_conv2d.default, (mu, rad, w, aw, b, [1, 1], [1, 1], [1, 1], 1, relu))
         lw = torch.randn(3, 4, **kw, requires_grad=True)

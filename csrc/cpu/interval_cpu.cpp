@@ -5,10 +5,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cpu/loops.h"
 #include "interval_products.h"
+#include "relaxation.h"
 
 namespace pyibp {
 namespace {
@@ -119,8 +122,9 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& out_mu_in,
                                                               const at::Tensor& out_rad_in) {
   check_relu_backward(grad_mu_in, grad_rad_in, out_mu_in, out_rad_in);
-  const at::Tensor gm = grad_mu_in.contiguous(), gr = grad_rad_in.contiguous();
-  const at::Tensor om = out_mu_in.contiguous(), orad = out_rad_in.contiguous();
+  // All four in the outputs' layout: a channels-last box keeps channels-last gradients.
+  const at::Tensor om = dense(out_mu_in), orad = dense_like(out_rad_in, om);
+  const at::Tensor gm = dense_like(grad_mu_in, om), gr = dense_like(grad_rad_in, om);
   at::Tensor grad_mu = at::empty_like(gm), grad_rad = at::empty_like(gr);
   AT_DISPATCH_FLOATING_TYPES(gm.scalar_type(), "pyibp_interval_relu_backward_cpu", [&] {
     const scalar_t* __restrict__ gmp = gm.data_ptr<scalar_t>();
@@ -233,14 +237,10 @@ template <typename T>
 void relaxation_loop(const T* __restrict__ l, const T* __restrict__ u, T* __restrict__ lower_slope,
                      T* __restrict__ upper_slope, T* __restrict__ upper_intercept, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const T li = l[i], ui = u[i];
-    const bool active = li >= T(0) && ui > T(0), unstable = li < T(0) && ui > T(0);
-    // Unstable: the chord above and the adaptive 0/1 slope below (CROWN-IBP). Selects, not
-    // branches; the guarded denominator keeps the discarded lanes finite.
-    const T chord = ui / (unstable ? ui - li : T(1));
-    upper_slope[i] = unstable ? chord : T(active);
-    upper_intercept[i] = unstable ? -chord * li : T(0);
-    lower_slope[i] = unstable ? T(ui > -li) : T(active);
+    const ReluRelaxation<T> r = relu_relaxation_at(l[i], u[i]);
+    lower_slope[i] = r.lower_slope;
+    upper_slope[i] = r.upper_slope;
+    upper_intercept[i] = r.upper_intercept;
   }
 }
 
@@ -263,6 +263,123 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cpu(const at::Ten
   return {lower_slope, upper_slope, upper_intercept};
 }
 
+// One row of A through the ReLU step; returns the row's shift. The shift is summed in kLanes
+// fixed partial sums (the same order on every run), which lets the compiler vectorise the loop.
+template <typename T>
+T crown_relu_row(const T* __restrict__ a, const T* __restrict__ m, const T* __restrict__ r, T* __restrict__ out,
+                 int64_t n) {
+  constexpr int kLanes = 8;
+  T partial[kLanes] = {};
+  const auto one = [&](int64_t i, int lane) {
+    const ReluRelaxation<T> rl = relu_relaxation_at(m[i] - r[i], m[i] + r[i]);
+    const T ai = a[i];
+    out[i] = ai > T(0) ? ai * rl.lower_slope : ai * rl.upper_slope;
+    partial[lane] += ai < T(0) ? ai * rl.upper_intercept : T(0);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC unroll 8
+    for (int lane = 0; lane < kLanes; ++lane) one(i + lane, lane);
+  }
+  for (; i < n; ++i) one(i, 0);
+  T sum = 0;
+  for (int lane = 0; lane < kLanes; ++lane) sum += partial[lane];
+  return sum;
+}
+
+std::tuple<at::Tensor, at::Tensor> crown_relu_step_cpu(const at::Tensor& A_in, const at::Tensor& mu_in,
+                                                       const at::Tensor& rad_in) {
+  check_crown_relu_step(A_in, mu_in, rad_in);
+  const at::Tensor A = A_in.contiguous(), mu = mu_in.contiguous(), rad = rad_in.contiguous();
+  const int64_t rows = A.size(1), n = A.size(2);
+  at::Tensor out = at::empty_like(A), shift = at::empty({A.size(0), rows}, A.options());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "pyibp_crown_relu_step_cpu", [&] {
+    const scalar_t* __restrict__ a = A.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
+    scalar_t* __restrict__ o = out.data_ptr<scalar_t>();
+    scalar_t* __restrict__ sh = shift.data_ptr<scalar_t>();
+    // One (example, row) pair per task: its shift is a sum over that row only.
+    at::parallel_for(0, A.size(0) * rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)),
+                     [&](int64_t row0, int64_t row1) {
+      for (int64_t row = row0; row < row1; ++row) {
+        const scalar_t* __restrict__ ar = a + row * n;
+        const scalar_t* __restrict__ mb = m + (row / rows) * n;
+        const scalar_t* __restrict__ rb = r + (row / rows) * n;
+        scalar_t* __restrict__ orow = o + row * n;
+        sh[row] = crown_relu_row(ar, mb, rb, orow, n);
+      }
+    });
+  });
+  return {out, shift};
+}
+
+// The backward of one row: its gradient, and its terms of the slope and intercept gradients
+// (summed over the rows of an example into s_acc and i_acc).
+template <typename T>
+void crown_relu_row_backward(const T* __restrict__ a, const T* __restrict__ g, T g_shift, const T* __restrict__ m,
+                             const T* __restrict__ r, T* __restrict__ grad_a, T* __restrict__ s_acc,
+                             T* __restrict__ i_acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const ReluRelaxation<T> rl = relu_relaxation_at(m[i] - r[i], m[i] + r[i]);
+    const T ai = a[i], gi = g[i];
+    const bool negative = ai < T(0);
+    // The lower slope where A > 0; the upper slope and intercept elsewhere (as in the forward).
+    grad_a[i] = ai > T(0) ? gi * rl.lower_slope : gi * rl.upper_slope + g_shift * rl.upper_intercept;
+    s_acc[i] += negative ? ai * gi : T(0);
+    i_acc[i] += negative ? ai * g_shift : T(0);
+  }
+}
+
+// From the slope and intercept gradients to those of the box (l = mu - rad, u = mu + rad).
+template <typename T>
+void crown_relu_box_grad(const T* __restrict__ m, const T* __restrict__ r, const T* __restrict__ s_acc,
+                         const T* __restrict__ i_acc, T* __restrict__ grad_mu, T* __restrict__ grad_rad, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    T g_l, g_u;
+    relu_relaxation_grad(m[i] - r[i], m[i] + r[i], s_acc[i], i_acc[i], &g_l, &g_u);
+    grad_mu[i] = g_l + g_u;
+    grad_rad[i] = g_u - g_l;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_step_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& grad_shift_in, const at::Tensor& A_in,
+    const at::Tensor& mu_in, const at::Tensor& rad_in) {
+  check_crown_relu_step_backward(grad_out_in, grad_shift_in, A_in, mu_in, rad_in);
+  const at::Tensor grad_out = grad_out_in.contiguous(), grad_shift = grad_shift_in.contiguous();
+  const at::Tensor A = A_in.contiguous(), mu = mu_in.contiguous(), rad = rad_in.contiguous();
+  const int64_t rows = A.size(1), n = A.size(2);
+  at::Tensor grad_A = at::empty_like(A), grad_mu = at::empty_like(mu), grad_rad = at::empty_like(mu);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "pyibp_crown_relu_step_backward_cpu", [&] {
+    const scalar_t* __restrict__ g = grad_out.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gs = grad_shift.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ a = A.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
+    scalar_t* __restrict__ ga = grad_A.data_ptr<scalar_t>();
+    scalar_t* __restrict__ gm = grad_mu.data_ptr<scalar_t>();
+    scalar_t* __restrict__ gr = grad_rad.data_ptr<scalar_t>();
+    // One example per task: the slope and intercept gradients sum over its rows.
+    at::parallel_for(0, A.size(0), 1, [&](int64_t b0, int64_t b1) {
+      std::vector<scalar_t> g_slope(n), g_intercept(n);
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* __restrict__ mb = m + b * n;
+        const scalar_t* __restrict__ rb = r + b * n;
+        std::fill(g_slope.begin(), g_slope.end(), scalar_t(0));
+        std::fill(g_intercept.begin(), g_intercept.end(), scalar_t(0));
+        scalar_t* __restrict__ s_acc = g_slope.data();
+        scalar_t* __restrict__ i_acc = g_intercept.data();
+        for (int64_t row = b * rows; row < (b + 1) * rows; ++row) {
+          crown_relu_row_backward(a + row * n, g + row * n, gs[row], mb, rb, ga + row * n, s_acc, i_acc, n);
+        }
+        crown_relu_box_grad(mb, rb, s_acc, i_acc, gm + b * n, gr + b * n, n);
+      }
+    });
+  });
+  return {grad_A, grad_mu, grad_rad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyibp, CPU, m) {
@@ -276,6 +393,8 @@ TORCH_LIBRARY_IMPL(pyibp, CPU, m) {
   m.impl("interval_to_center", &convert_cpu<false>);
   m.impl("margin_elision", &margin_elision_cpu);
   m.impl("relu_relaxation", &relu_relaxation_cpu);
+  m.impl("crown_relu_step", &crown_relu_step_cpu);
+  m.impl("crown_relu_step_backward", &crown_relu_step_backward_cpu);
 }
 
 }  // namespace pyibp

@@ -7,6 +7,7 @@
 
 #include "interval_products.h"
 #include "pointwise.cuh"
+#include "relaxation.h"
 
 namespace pyibp {
 namespace {
@@ -114,8 +115,9 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cuda(const at::Tensor&
                                                                const at::Tensor& out_rad_in) {
   check_relu_backward(grad_mu_in, grad_rad_in, out_mu_in, out_rad_in);
   const at::cuda::OptionalCUDAGuard guard(grad_mu_in.device());
-  const at::Tensor gm = grad_mu_in.contiguous(), gr = grad_rad_in.contiguous();
-  const at::Tensor om = out_mu_in.contiguous(), orad = out_rad_in.contiguous();
+  // All four in the outputs' layout: a channels-last box keeps channels-last gradients.
+  const at::Tensor om = dense(out_mu_in), orad = dense_like(out_rad_in, om);
+  const at::Tensor gm = dense_like(grad_mu_in, om), gr = dense_like(grad_rad_in, om);
   at::Tensor grad_mu = at::empty_like(gm), grad_rad = at::empty_like(gr);
   PYIBP_DISPATCH(gm.scalar_type(), "pyibp_interval_relu_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -262,21 +264,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cuda(const at::Te
     scalar_t* us = upper_slope.data_ptr<scalar_t>();
     scalar_t* ui = upper_intercept.data_ptr<scalar_t>();
     launch_pointwise(lower.numel(), [=] __device__(int64_t i) {
-      const acc_t li = static_cast<acc_t>(l[i]), uu = static_cast<acc_t>(u[i]);
-      acc_t s_l = 0, s_u = 0, b_u = 0;
-      if (li >= acc_t(0) && uu > acc_t(0)) {
-        s_l = s_u = 1;
-      } else if (uu > acc_t(0)) {
-        s_u = uu / (uu - li);
-        b_u = -s_u * li;
-        s_l = uu > -li ? acc_t(1) : acc_t(0);
-      }
-      ls[i] = static_cast<scalar_t>(s_l);
-      us[i] = static_cast<scalar_t>(s_u);
-      ui[i] = static_cast<scalar_t>(b_u);
+      const ReluRelaxation<acc_t> r = relu_relaxation_at(static_cast<acc_t>(l[i]), static_cast<acc_t>(u[i]));
+      ls[i] = static_cast<scalar_t>(r.lower_slope);
+      us[i] = static_cast<scalar_t>(r.upper_slope);
+      ui[i] = static_cast<scalar_t>(r.upper_intercept);
     });
   });
   return {lower_slope, upper_slope, upper_intercept};
+}
+
+// One block per (example, row) of A: the threads stride over the row, then reduce its shift in
+// shared memory (a fixed order, so the result does not depend on scheduling).
+template <typename scalar_t, typename acc_t>
+__global__ void crown_relu_step_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ m,
+                                       const scalar_t* __restrict__ r, scalar_t* __restrict__ out,
+                                       scalar_t* __restrict__ shift, int64_t rows, int64_t n) {
+  __shared__ acc_t partial[kThreads];
+  const int64_t row = blockIdx.x;
+  const int64_t example = row / rows;
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const acc_t mi = static_cast<acc_t>(m[example * n + i]), ri = static_cast<acc_t>(r[example * n + i]);
+    const ReluRelaxation<acc_t> rl = relu_relaxation_at(mi - ri, mi + ri);
+    const acc_t ai = static_cast<acc_t>(a[row * n + i]);
+    out[row * n + i] = static_cast<scalar_t>(ai > acc_t(0) ? ai * rl.lower_slope : ai * rl.upper_slope);
+    sum += ai < acc_t(0) ? ai * rl.upper_intercept : acc_t(0);
+  }
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) shift[row] = static_cast<scalar_t>(partial[0]);
+}
+
+std::tuple<at::Tensor, at::Tensor> crown_relu_step_cuda(const at::Tensor& A_in, const at::Tensor& mu_in,
+                                                        const at::Tensor& rad_in) {
+  check_crown_relu_step(A_in, mu_in, rad_in);
+  const at::cuda::OptionalCUDAGuard guard(A_in.device());
+  const at::Tensor A = A_in.contiguous(), mu = mu_in.contiguous(), rad = rad_in.contiguous();
+  const int64_t rows = A.size(1), n = A.size(2), blocks = A.size(0) * rows;
+  at::Tensor out = at::empty_like(A), shift = at::empty({A.size(0), rows}, A.options());
+  if (blocks == 0) return {out, shift};
+  PYIBP_DISPATCH(A.scalar_type(), "pyibp_crown_relu_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    crown_relu_step_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        A.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), rad.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+        shift.data_ptr<scalar_t>(), rows, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, shift};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_step_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& grad_shift_in, const at::Tensor& A_in,
+    const at::Tensor& mu_in, const at::Tensor& rad_in) {
+  check_crown_relu_step_backward(grad_out_in, grad_shift_in, A_in, mu_in, rad_in);
+  const at::cuda::OptionalCUDAGuard guard(A_in.device());
+  const at::Tensor grad_out = grad_out_in.contiguous(), grad_shift = grad_shift_in.contiguous();
+  const at::Tensor A = A_in.contiguous(), mu = mu_in.contiguous(), rad = rad_in.contiguous();
+  const int64_t rows = A.size(1), n = A.size(2);
+  at::Tensor grad_A = at::empty_like(A), grad_mu = at::empty_like(mu), grad_rad = at::empty_like(mu);
+  PYIBP_DISPATCH(A.scalar_type(), "pyibp_crown_relu_step_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad_out.data_ptr<scalar_t>();
+    const scalar_t* gs = grad_shift.data_ptr<scalar_t>();
+    const scalar_t* a = A.data_ptr<scalar_t>();
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* r = rad.data_ptr<scalar_t>();
+    scalar_t* ga = grad_A.data_ptr<scalar_t>();
+    scalar_t* gm = grad_mu.data_ptr<scalar_t>();
+    scalar_t* gr = grad_rad.data_ptr<scalar_t>();
+    // One thread per (example, feature), looping over the rows: neighbouring threads read
+    // neighbouring features of a row, and the sums over rows need no atomics.
+    launch_pointwise(mu.numel(), [=] __device__(int64_t k) {
+      const int64_t example = k / n, i = k % n;
+      const acc_t l = static_cast<acc_t>(m[k]) - static_cast<acc_t>(r[k]);
+      const acc_t u = static_cast<acc_t>(m[k]) + static_cast<acc_t>(r[k]);
+      const ReluRelaxation<acc_t> rl = relu_relaxation_at(l, u);
+      acc_t g_slope = 0, g_intercept = 0;
+      for (int64_t row = example * rows; row < (example + 1) * rows; ++row) {
+        const acc_t ai = static_cast<acc_t>(a[row * n + i]), gi = static_cast<acc_t>(g[row * n + i]);
+        const acc_t gsr = static_cast<acc_t>(gs[row]);
+        ga[row * n + i] = static_cast<scalar_t>(ai > acc_t(0) ? gi * rl.lower_slope
+                                                              : gi * rl.upper_slope + gsr * rl.upper_intercept);
+        if (ai < acc_t(0)) {
+          g_slope += ai * gi;
+          g_intercept += ai * gsr;
+        }
+      }
+      acc_t g_l, g_u;
+      relu_relaxation_grad(l, u, g_slope, g_intercept, &g_l, &g_u);
+      gm[k] = static_cast<scalar_t>(g_l + g_u);
+      gr[k] = static_cast<scalar_t>(g_u - g_l);
+    });
+  });
+  return {grad_A, grad_mu, grad_rad};
 }
 
 }  // namespace
@@ -292,6 +376,8 @@ TORCH_LIBRARY_IMPL(pyibp, CUDA, m) {
   m.impl("interval_to_center", &convert_cuda<false>);
   m.impl("margin_elision", &margin_elision_cuda);
   m.impl("relu_relaxation", &relu_relaxation_cuda);
+  m.impl("crown_relu_step", &crown_relu_step_cuda);
+  m.impl("crown_relu_step_backward", &crown_relu_step_backward_cuda);
 }
 
 }  // namespace pyibp
