@@ -230,20 +230,25 @@ channels, sizes = st.integers(1, 3), st.integers(4, 10)
 
 # ---------------------------------------------------------------------------------------------
 # agreement with the dense implementation
+def _tested_and_dense_reference(kind: str, seed: int, in_channels: int, size: int):
+    """(model, the model the dense implementation reads, input shape), in float64. A model without
+    a final Linear ("pooled") gets the identity map as the reference's last layer."""
+    model, shape = _any_model(kind, seed, in_channels, size)
+    model = model.double()
+    if kind != "pooled":
+        return model, model, shape
+    reference = nn.Sequential(model, nn.Linear(5, 5).double().requires_grad_(False))
+    with torch.no_grad():
+        reference[-1].weight.copy_(torch.eye(5))
+        reference[-1].bias.zero_()
+    return model, reference, shape
+
+
 @settings(max_examples=30)
 @given(seed=seeds, eps=eps_values, kind=kinds, in_channels=channels, size=sizes)
 def test_ibp_and_crown_ibp_match_dense_float64_implementation(seed, eps, kind, in_channels, size):
-    model, shape = _any_model(kind, seed, in_channels, size)
-    model = model.double()
+    tested, reference_model, shape = _tested_and_dense_reference(kind, seed, in_channels, size)
     x, y = _inputs(shape, 2, seed)
-    if kind == "pooled":  # no final Linear: the dense version gets the identity map as "last layer"
-        model = nn.Sequential(model, nn.Linear(5, 5).double().requires_grad_(False))
-        with torch.no_grad():
-            model[-1].weight.copy_(torch.eye(5))
-            model[-1].bias.zero_()
-        reference_model, tested = model, model[0]
-    else:
-        reference_model = tested = model
     ibp_ref, crown_ref = dense_margins(reference_model, x, y, eps)
     p = margin_pass(tested, x, y, eps)
     scale = max(1.0, float(crown_ref.abs().max()), float(ibp_ref.abs().max()))
@@ -258,16 +263,8 @@ def test_ibp_and_crown_ibp_match_dense_float64_implementation(seed, eps, kind, i
 @settings(max_examples=20)
 @given(seed=seeds, eps=eps_values, kind=kinds, in_channels=channels, size=sizes)
 def test_loss_fusion_matches_dense_float64_implementation(seed, eps, kind, in_channels, size):
-    model, shape = _any_model(kind, seed, in_channels, size)
-    model = model.double()
+    model, reference_model, shape = _tested_and_dense_reference(kind, seed, in_channels, size)
     x, y = _inputs(shape, 2, seed)
-    if kind == "pooled":  # no final Linear: the dense version gets the identity map as "last layer"
-        reference_model = nn.Sequential(model, nn.Linear(5, 5).double().requires_grad_(False))
-        with torch.no_grad():
-            reference_model[-1].weight.copy_(torch.eye(5))
-            reference_model[-1].bias.zero_()
-    else:
-        reference_model = model
     expected = dense_fused_ce(reference_model, x, y, eps)
     fused = crown_ibp_robust_ce(model, x, y, eps)
     torch.testing.assert_close(fused, expected, rtol=1e-8, atol=1e-8)
