@@ -12,8 +12,11 @@ from 0, κ down from 1 (to 0.5 in Gowal et al., to 0 in Zhang et al.), and for C
 is ``beta * CROWN-IBP + (1 - beta) * IBP`` with β ramping from 1 to 0.
 
 Modes: the clean forward pass runs in ``model.train()`` (Dropout active, BatchNorm normalising by
-batch statistics and updating its running averages); the bounds are computed in eval mode, since a
-sound bound needs BatchNorm's fixed affine map (its running statistics).
+batch statistics and updating its running averages); the bounds are computed in eval mode, with
+each BatchNorm a fixed affine map: by default (``bn_stats="batch"``, Shi et al. 2021) the one of the
+batch statistics the clean pass normalised with, so that the bounds follow the network being
+trained; with ``bn_stats="running"`` the one of its running statistics, the map the trained model
+is verified with.
 
 Example:
     >>> train, _ = pyibp.data.mnist5k()
@@ -29,6 +32,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -39,8 +43,8 @@ from torch import Tensor, nn
 
 from .bounds import Eps, _check_labels, _check_model_device, check_box, margin_bounds
 from .crown import _margin_pass
-from .distributed import syncs_gradients
-from .layers import flatten_layers
+from .distributed import syncs_gradients, unwrap
+from .layers import batch_statistics, flatten_layers
 from .schedules import Schedule, as_schedule
 from .train import batches, eval_mode, model_device, progress
 
@@ -49,6 +53,7 @@ __all__ = ["ibp_loss", "certified_train_epoch", "ibp_init", "shi_regularizer", "
 Pair = Tuple[Tensor, Tensor]
 Device = Union[str, torch.device, None]
 METHODS = ("ibp", "crown-ibp")
+BN_STATS = ("batch", "running")
 # The ε at which Shi et al. evaluate their regularisers while the training ε is still 0.
 _REG_MIN_EPS = 1e-6
 
@@ -61,6 +66,19 @@ def _check_method(method: str) -> None:
 def _check_loss_fusion(method: str, loss_fusion: bool) -> None:
     if loss_fusion and method != "crown-ibp":
         raise ValueError(f"loss_fusion applies to method='crown-ibp' only, got method={method!r}")
+
+
+def _check_bn_stats(bn_stats: str) -> None:
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+
+
+def _batch_statistics(model: nn.Module, bn_stats: str):
+    """:func:`pyibp.layers.batch_statistics` when ``bn_stats == "batch"`` and ``model`` has a
+    BatchNorm in training mode (whose clean pass then records them), else a no-op context."""
+    training_bn = any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training
+                      for m in unwrap(model).modules())
+    return batch_statistics(model) if bn_stats == "batch" and training_bn else contextlib.nullcontext()
 
 
 def _check_unit(name: str, value: float) -> float:
@@ -104,7 +122,8 @@ def _robust_ce(margins: Tensor, y: Tensor) -> Tensor:
 
 
 def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, kappa: float, *, method: str = "ibp",
-             beta: float = 1.0, loss_fusion: bool = False, lower: float = 0.0, upper: float = 1.0) -> Tensor:
+             beta: float = 1.0, loss_fusion: bool = False, bn_stats: str = "batch", lower: float = 0.0,
+             upper: float = 1.0) -> Tensor:
     """The certified-training loss ``kappa * CE(model(x), y) + (1 - kappa) * CE(-m, y)`` (a scalar).
 
     ``m`` are the margin lower bounds of :func:`pyibp.margin_bounds` (``method="ibp"``) or, for
@@ -121,6 +140,9 @@ def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, kappa: float, *, 
         x: (B, *) in [lower, upper].  y: (B,) labels.  eps: float, () or (B,).
         kappa: weight of the clean loss, in [0, 1].  beta: CROWN-IBP's share of the bound, in [0, 1].
         loss_fusion: bound the cross-entropy directly (CROWN-IBP only).
+        bn_stats: ``"batch"``: when ``model`` is in training mode, its BatchNorm layers are bounded
+            with the batch statistics of the clean pass (Shi et al. 2021;
+            :func:`pyibp.layers.batch_statistics`); ``"running"``: with their running statistics.
     Returns:
         A scalar tensor, the batch mean. Equivalent to::
 
@@ -138,14 +160,20 @@ def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, kappa: float, *, 
     eps_t = check_box(x, eps, lower, upper)
     _check_model_device(model, x)
     _check_labels(y, x, None)
-    if kappa == 1.0:
-        return F.cross_entropy(model(x), y)
-    with eval_mode(model):
-        robust = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower, upper=upper,
-                         record=False, loss_fusion=loss_fusion)[0].mean()
-    if kappa == 0.0 and not syncs_gradients(model):   # the clean pass would only add zeros
-        return robust
-    return kappa * F.cross_entropy(model(x), y) + (1 - kappa) * robust
+    _check_bn_stats(bn_stats)
+    statistics = _batch_statistics(model, bn_stats)
+    with statistics:
+        # The clean pass would only add zeros at κ = 0, unless it records BatchNorm's batch
+        # statistics or DDP needs it to average the gradients.
+        clean = None
+        if kappa > 0 or not isinstance(statistics, contextlib.nullcontext) or syncs_gradients(model):
+            clean = F.cross_entropy(model(x), y)
+        if kappa == 1.0:
+            return clean
+        with eval_mode(model):
+            robust = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower, upper=upper,
+                             record=False, loss_fusion=loss_fusion)[0].mean()
+    return robust if clean is None else kappa * clean + (1 - kappa) * robust
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +197,8 @@ def ibp_init(model: nn.Module) -> nn.Module:
         >>> round(model[0].weight.std().item(), 2)   # sqrt(2π) / 9
         0.28
     """
-    layers = [m for m in flatten_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    # In network order; any mode (a fresh model is in training mode, BatchNorm and all).
+    layers = [m for m in unwrap(model).modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     with torch.no_grad():
         for layer in layers[:-1]:
             fan_in = layer.weight[0].numel()
@@ -234,7 +263,7 @@ def shi_regularizer(input_box: Pair, pre_activations: Sequence[Pair], *,
 def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
                           eps_schedule: Union[float, Schedule], kappa_schedule: Union[float, Schedule],
                           beta_schedule: Union[float, Schedule, None] = None, method: str = "ibp",
-                          loss_fusion: bool = False, step_offset: int = 0, grad_clip: Optional[float] = None,
+                          loss_fusion: bool = False, bn_stats: str = "batch", step_offset: int = 0, grad_clip: Optional[float] = None,
                           scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
                           lower: float = 0.0, upper: float = 1.0, reg_tightness: float = 0.0,
                           reg_relu: float = 0.0, reg_tol: float = 0.5, quiet: bool = False,
@@ -256,6 +285,8 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
         method: ``"ibp"`` or ``"crown-ibp"``.
         loss_fusion: CROWN-IBP bounds the cross-entropy itself, one CROWN row per example instead
             of K-1 (see :func:`ibp_loss`).
+        bn_stats: ``"batch"`` (Shi et al.) or ``"running"``: which statistics the bounds of each
+            training step give BatchNorm layers (see :func:`ibp_loss`).
         grad_clip: clip the gradients' total 2-norm to this value (Shi et al.: 10).
         scheduler: a learning-rate scheduler, stepped after every optimizer step (build step and
             cosine schedules with ``T_max``/milestones in steps, e.g. ``epochs * len(loader)``).
@@ -275,6 +306,7 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
     """
     _check_method(method)
     _check_loss_fusion(method, loss_fusion)
+    _check_bn_stats(bn_stats)
     eps_of = as_schedule(eps_schedule, "eps_schedule")
     kappa_of = as_schedule(kappa_schedule, "kappa_schedule")
     beta_of = as_schedule(1.0 if beta_schedule is None else beta_schedule, "beta_schedule")
@@ -309,15 +341,20 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
         _check_model_device(model, x)
         y = _check_labels(y, x, None).long()
 
-        # At κ = 0 the clean pass only feeds the metrics: no graph, no backward through it, unless
-        # DDP needs its forward pass to average the gradients.
-        with torch.set_grad_enabled(kappa > 0 or syncs_gradients(model)):
-            logits = model(x)
-        clean = F.cross_entropy(logits, y, reduction="none")
         needs_bound_grad = kappa < 1.0 or reg_scale > 0
-        with eval_mode(model), torch.set_grad_enabled(needs_bound_grad):
-            robust, ibp, box, pre = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower,
-                                            upper=upper, record=reg_scale > 0, loss_fusion=loss_fusion)
+        statistics = _batch_statistics(model, bn_stats)
+        with statistics:
+            # At κ = 0 the clean pass only feeds the metrics: no graph, no backward through it,
+            # unless the bounds use the batch statistics it records, or DDP needs its forward pass
+            # to average the gradients.
+            batch_stats = not isinstance(statistics, contextlib.nullcontext)
+            with torch.set_grad_enabled(kappa > 0 or (batch_stats and needs_bound_grad)
+                                        or syncs_gradients(model)):
+                logits = model(x)
+            with eval_mode(model), torch.set_grad_enabled(needs_bound_grad):
+                robust, ibp, box, pre = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower,
+                                                upper=upper, record=reg_scale > 0, loss_fusion=loss_fusion)
+        clean = F.cross_entropy(logits, y, reduction="none")
         loss = kappa * clean + (1 - kappa) * robust
         total = loss.mean()
         if reg_scale > 0:

@@ -191,6 +191,9 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--loss-fusion", action=argparse.BooleanOptionalAction, default=None,
                    help="crown-ibp: bound the cross-entropy itself through one CROWN row per example "
                         "instead of K-1 margins (Xu et al. 2020; about K-1 times cheaper; default: yes)")
+    c.add_argument("--bn-stats", choices=("batch", "running"),
+                   help="BatchNorm in the training bounds: the batch statistics of the clean pass (Shi "
+                        "et al. 2021) or the running ones (default: batch)")
     c.add_argument("--ibp-init", action=argparse.BooleanOptionalAction, default=None,
                    help="IBP initialisation of Shi et al. 2021 (default: yes for ibp, crown-ibp)")
     c.add_argument("--grad-clip", type=_nonnegative,
@@ -208,8 +211,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 RECIPE_FIELDS = ("method", "model", "eps", "train_eps", "epochs", "batch_size", "optimizer", "lr", "momentum",
                  "weight_decay", "lr_schedule", "lr_decay_at", "lr_decay", "attack_steps", "attack_alpha",
                  "attack_random_start", "warmup_steps", "ramp_steps", "eps_ramp", "eps_list", "kappa_start",
-                 "kappa_end", "beta_start", "beta_end", "loss_fusion", "ibp_init", "grad_clip", "reg_weight",
-                 "train_subset", "test_subset", "eval_pgd_steps", "eval_pgd_subset", "dataset", "seed")
+                 "kappa_end", "beta_start", "beta_end", "loss_fusion", "bn_stats", "ibp_init", "grad_clip",
+                 "reg_weight", "train_subset", "test_subset", "eval_pgd_steps", "eval_pgd_subset", "dataset", "seed")
 
 
 def _run_evaluation_options(parser: argparse.ArgumentParser, verb: str) -> None:

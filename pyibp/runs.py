@@ -138,6 +138,7 @@ class TrainConfig:
     beta_start: float = 1.0
     beta_end: float = 0.0
     loss_fusion: bool = False             # crown-ibp: bound the loss through one CROWN row (Xu et al. 2020)
+    bn_stats: str = "batch"               # BatchNorm in the training bounds: batch | running statistics
     ibp_init: bool = True
     grad_clip: Optional[float] = 10.0
     reg_weight: float = 0.5
@@ -192,6 +193,7 @@ class TrainConfig:
         check(self.reg_weight >= 0, "reg_weight", self.reg_weight, ">= 0")
         check(not self.loss_fusion or self.method == "crown-ibp", "loss_fusion", self.loss_fusion,
               "False unless method is 'crown-ibp'")
+        check(self.bn_stats in ("batch", "running"), "bn_stats", self.bn_stats, "'batch' or 'running'")
         return self
 
     @property
@@ -209,6 +211,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"config.json has unknown keys {unknown}: written by another pyibp version?")
         values = dict(values)
+        values.setdefault("bn_stats", "running")  # how runs written before the option trained
         for name in ("lr_decay_at", "eps_list"):  # JSON has no tuples
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
@@ -599,8 +602,9 @@ def _train_one_epoch(config: TrainConfig, model: nn.Module, batches: Iterable, o
         m, new_step = certified_train_epoch(
             model, batches, optimizer, eps_schedule=eps, kappa_schedule=kappa,
             beta_schedule=beta if config.method == "crown-ibp" else None, method=config.method,
-            loss_fusion=config.loss_fusion, step_offset=step, grad_clip=config.grad_clip,
-            scheduler=scheduler, reg_tightness=config.reg_weight, reg_relu=config.reg_weight, quiet=quiet, device=device)
+            loss_fusion=config.loss_fusion, bn_stats=config.bn_stats, step_offset=step,
+            grad_clip=config.grad_clip, scheduler=scheduler, reg_tightness=config.reg_weight,
+            reg_relu=config.reg_weight, quiet=quiet, device=device)
         m = reduce_metrics(m, ctx)
         out = {"train_loss": m["loss"], "train_robust_loss": m["robust_loss"], "train_error": m["clean_error"],
                "train_verified_error": m["verified_error"], "train_eps": m["eps"], "kappa": m["kappa"]}

@@ -1,5 +1,6 @@
 """Schedules, the certified-training loss and loop, Shi et al.'s initialisation and regularisers,
 verification and the robustness report; certified training on mnist-5k against a standard model."""
+import copy
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from pyibp.certified_training import certified_train_epoch, ibp_init, ibp_loss, 
 from pyibp.certify import robustness_report, verify
 from pyibp.crown import margin_pass
 from pyibp.data import loader, mnist5k
+from pyibp.models import cnn7, resnet_small
 from pyibp.schedules import Constant, LinearRamp, SmoothRamp, StepList, as_schedule
 from pyibp.testing import random_model
 
@@ -117,6 +119,16 @@ def test_a_training_step_is_one_optimizer_step_on_ibp_loss(kappa):
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
     assert metrics["clean_error"] == pytest.approx(error_before)
+
+
+def test_ibp_init_takes_models_with_batchnorm_and_residual_blocks_in_training_mode():
+    for model in (cnn7(in_channels=1, image_size=28), resnet_small()):
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        before = last.weight.detach().clone()
+        ibp_init(model)
+        assert model.training and torch.equal(last.weight, before)
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        assert float(first.weight.detach().std()) == pytest.approx(math.sqrt(2 * math.pi) / first.weight[0].numel(), rel=0.2)
 
 
 def test_ibp_init_follows_shi_et_al():
@@ -254,6 +266,7 @@ def test_regularisers_need_a_schedule_with_a_final_value(data):
     (dict(grad_clip=0.0), r"grad_clip must be > 0 or None, got 0.0"),
     (dict(step_offset=-1), r"step_offset must be >= 0, got -1"),
     (dict(loss_fusion=True), r"loss_fusion applies to method='crown-ibp' only, got method='ibp'"),
+    (dict(bn_stats="batches"), r"bn_stats must be one of \('batch', 'running'\), got 'batches'"),
 ])
 def test_training_errors_name_the_value(data, kwargs, message):
     train, _ = data
@@ -376,3 +389,72 @@ def test_certify_errors_name_the_value(call, message):
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     with pytest.raises(ValueError, match=message):
         call(model, (torch.rand(4, 4), torch.randint(0, 3, (4,))))
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm with batch statistics (Shi et al. 2021)
+def bn_cnn(track_running_stats: bool = True) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4, track_running_stats=track_running_stats),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8),
+                         nn.BatchNorm1d(8, track_running_stats=track_running_stats), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_bounds_with_batch_statistics_are_the_bounds_of_the_network_with_those_statistics():
+    torch.manual_seed(0)
+    model = bn_cnn().double()
+    x, y = torch.rand(6, 1, 14, 14, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pyibp.layers.batch_statistics(model) as stats:
+        model.train()(x)
+        model.eval()
+        inside = pyibp.margin_bounds(model, x, y, 0.05)
+        inside_crown = pyibp.crown.crown_ibp_robust_ce(model, x, y, 0.05)
+    assert len(stats) == 2
+    fixed = copy.deepcopy(model)   # the same network with the batch statistics as running statistics
+    with torch.no_grad():
+        for layer, (mean, var) in zip([fixed[1], fixed[5]], stats.values()):
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+    torch.testing.assert_close(inside, pyibp.margin_bounds(fixed, x, y, 0.05))
+    torch.testing.assert_close(inside_crown, pyibp.crown.crown_ibp_robust_ce(fixed, x, y, 0.05))
+    # outside the block the running statistics are back
+    assert not torch.allclose(pyibp.margin_bounds(model, x, y, 0.05), inside)
+
+
+def test_gradients_flow_through_the_batch_statistics():
+    torch.manual_seed(0)
+    model = bn_cnn().double()
+    x, y = torch.rand(5, 1, 14, 14, dtype=torch.float64), torch.randint(0, 3, (5,))
+    weight = model[0].weight
+
+    def loss(w):
+        with torch.no_grad():
+            weight.copy_(w)
+        model.train()
+        return ibp_loss(model, x, y, 0.02, 0.0, bn_stats="batch")
+
+    w0 = weight.detach().clone()
+    model.zero_grad()
+    loss(w0).backward()
+    analytic = weight.grad.clone()
+    step = 1e-6
+    direction = torch.randn_like(w0)
+    numeric = (loss(w0 + step * direction).item() - loss(w0 - step * direction).item()) / (2 * step)
+    assert float((analytic * direction).sum()) == pytest.approx(numeric, rel=1e-4, abs=1e-8)
+
+
+def test_training_with_batch_statistics_needs_no_running_statistics_and_learns(data):
+    train, _ = data
+    torch.manual_seed(0)
+    model = bn_cnn(track_running_stats=False)
+    small = torch.utils.data.TensorDataset(*(torch.nn.functional.avg_pool2d(t, 2) if t.dim() == 4 else t % 3
+                                             for t in _subset(train, 600).tensors))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history, step = [], 0
+    for _ in range(3):
+        metrics, step = certified_train_epoch(model, loader(small, 100, shuffle=True), opt, eps_schedule=0.01,
+                                              kappa_schedule=0.0, step_offset=step, quiet=True)
+        history.append(metrics)
+    assert history[-1]["robust_loss"] < history[0]["robust_loss"]
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        certified_train_epoch(model, loader(small, 100), opt, eps_schedule=0.01, kappa_schedule=0.0,
+                              bn_stats="running", quiet=True)

@@ -281,3 +281,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(path, fail)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_recipe_defaults_and_configs_written_before_an_option_existed():
+    from pyibp.runs import TrainConfig
+    assert TrainConfig.for_method("crown-ibp").loss_fusion
+    assert not TrainConfig.for_method("ibp").loss_fusion
+    assert TrainConfig.for_method("ibp").bn_stats == "batch"
+    with pytest.raises(ValueError, match="loss_fusion must be False unless method is 'crown-ibp'"):
+        TrainConfig.for_method("ibp", loss_fusion=True)
+    old = TrainConfig.for_method("crown-ibp").to_json()
+    del old["loss_fusion"], old["bn_stats"]
+    resumed = TrainConfig.from_json(old)   # an earlier pyibp's run trained the margins, running statistics
+    assert (resumed.loss_fusion, resumed.bn_stats) == (False, "running")
