@@ -4,17 +4,20 @@ The public API::
 
     lb, ub = pyibp.interval_bounds(model, x, eps)          # bounds on every logit
     margins = pyibp.margin_bounds(model, x, y, eps)        # lower bounds of logit_y - logit_j
+    ce = pyibp.crown_ibp_robust_ce(model, x, y, eps)       # upper bounds of the worst-case cross-entropy
     delta = pyibp.pgd(model, x, y, eps, alpha=0.01, steps=40)   # an attack inside the same box
 """
-from . import attacks, certified_training, certify, data, distributed, nn, ops, schedules, train
+from . import (attacks, certified_training, certify, crown, data, distributed, layers, models, nn, ops, schedules,
+               train)
 from .attacks import fgsm, pgd
 from .bounds import interval_bounds, margin_bounds
 from .certify import robustness_report, verify
-from .crown import crown_ibp_margin_bounds
-from .layers import SUPPORTED_LAYERS, flatten_layers
+from .crown import crown_ibp_margin_bounds, crown_ibp_robust_ce
+from .layers import SUPPORTED_LAYERS, batch_statistics, flatten_layers
 
 __version__ = "0.1.0"
 
-__all__ = ["interval_bounds", "margin_bounds", "crown_ibp_margin_bounds", "fgsm", "pgd", "verify",
-           "robustness_report", "flatten_layers", "SUPPORTED_LAYERS", "attacks", "certified_training",
-           "certify", "data", "distributed", "nn", "ops", "schedules", "train", "__version__"]
+__all__ = ["interval_bounds", "margin_bounds", "crown_ibp_margin_bounds", "crown_ibp_robust_ce", "fgsm", "pgd",
+           "verify", "robustness_report", "flatten_layers", "batch_statistics", "SUPPORTED_LAYERS", "attacks",
+           "certified_training", "certify", "crown", "data", "distributed", "layers", "models", "nn", "ops",
+           "schedules", "train", "__version__"]
