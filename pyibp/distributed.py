@@ -203,31 +203,31 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel / ``torch.compile`` /
-    :class:`AutocastForward` wrappers, in any nesting."""
+def _layers_of_wrapping(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``, then each module it wraps (DistributedDataParallel, DataParallel,
+    :class:`AutocastForward`, ``torch.compile``), outermost first."""
     while True:
+        yield model
         if isinstance(model, (DistributedDataParallel, nn.DataParallel, AutocastForward)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / ``torch.compile`` /
+    :class:`AutocastForward` wrappers, in any nesting."""
+    *_, inner = _layers_of_wrapping(model)
+    return inner
 
 
 def syncs_gradients(model: nn.Module) -> bool:
     """Whether ``model`` is, or wraps, a DistributedDataParallel: its forward pass must then run
     with gradients enabled in every training step, since that is what makes the backward pass
     average the gradients over the ranks (also those of loss terms computed past the wrapper)."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            return True
-        if isinstance(model, (nn.DataParallel, AutocastForward)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return False
+    return any(isinstance(m, DistributedDataParallel) for m in _layers_of_wrapping(model))
 
 
 class ShardedLoader:
