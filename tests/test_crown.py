@@ -138,44 +138,45 @@ def _count_records(ops):
                (_count_records(op[1]) + _count_records(op[2]) if op[0] == "residual" else 0) for op in ops)
 
 
-def dense_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lower=0.0, upper=1.0):
-    """(IBP margins with last-layer elision, CROWN-IBP margins), (B, K) float64, by explicit matrices."""
-    layers = _leaves(copy.deepcopy(model).double())
-    ops, _ = _dense_ops(layers, tuple(x.shape[1:]))
-    ibp_out, crown_out = [], []
+def _dense_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lower: float, upper: float):
+    """Per example, in float64: ``(label, input box (mid, rad), box (mid, rad) in front of the last
+    layer, its W and b, a function (Λ, c) -> the CROWN lower bound of Λ z + c over the input box)``."""
+    ops, _ = _dense_ops(_leaves(copy.deepcopy(model).double()), tuple(x.shape[1:]))
     for xi, yi in zip(x.double(), y):
         lo = (xi - eps).clamp(min=lower).flatten()
         hi = (xi + eps).clamp(max=upper).flatten()
         records = []
         last_lo, last_hi = _ibp(ops[:-1], lo, hi, records)
         _, W, b = ops[-1]
+        in_mid, in_rad = (hi + lo) / 2, (hi - lo) / 2
+
+        def crown(lam, const, records=records):
+            lam, const = _crown_back(ops[:-1], lam, const, records)
+            assert not records
+            return lam @ in_mid - lam.abs() @ in_rad + const
+
+        yield int(yi), ((last_hi + last_lo) / 2, (last_hi - last_lo) / 2), W, b, crown
+
+
+def dense_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lower=0.0, upper=1.0):
+    """(IBP margins with last-layer elision, CROWN-IBP margins), (B, K) float64, by explicit matrices."""
+    ibp_out, crown_out = [], []
+    for yi, (mid, rad), W, b, crown in _dense_examples(model, x, y, eps, lower, upper):
         K = W.shape[0]
         C = torch.zeros(K, K, dtype=torch.float64)
         C[:, yi] += 1
         C -= torch.eye(K, dtype=torch.float64)
         CW, Cb = C @ W, C @ b
-        mid, rad = (last_hi + last_lo) / 2, (last_hi - last_lo) / 2
         ibp_out.append(CW @ mid - CW.abs() @ rad + Cb)
-        lam, const = _crown_back(ops[:-1], CW, Cb, records)
-        assert not records
-        mid, rad = (hi + lo) / 2, (hi - lo) / 2
-        crown_out.append(lam @ mid - lam.abs() @ rad + const)
+        crown_out.append(crown(CW, Cb))
     return torch.stack(ibp_out), torch.stack(crown_out)
 
 
 def dense_fused_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lower=0.0, upper=1.0):
     """(B,) the loss-fusion bound of max CE over the box, float64, by explicit matrices: IBP bounds
     [l_j, u_j] of d_j = z_j - z_y, exp below its chord on each, one CROWN row sum_j w_j (W_y - W_j)."""
-    layers = _leaves(copy.deepcopy(model).double())
-    ops, _ = _dense_ops(layers, tuple(x.shape[1:]))
     out = []
-    for xi, yi in zip(x.double(), y):
-        lo = (xi - eps).clamp(min=lower).flatten()
-        hi = (xi + eps).clamp(max=upper).flatten()
-        records = []
-        last_lo, last_hi = _ibp(ops[:-1], lo, hi, records)
-        _, W, b = ops[-1]
-        mid, rad = (last_hi + last_lo) / 2, (last_hi - last_lo) / 2
+    for yi, (mid, rad), W, b, crown in _dense_examples(model, x, y, eps, lower, upper):
         others = [j for j in range(W.shape[0]) if j != yi]
         D = W[others] - W[yi]                                   # rows of d_j
         d_mid, d_rad = D @ mid + b[others] - b[yi], D.abs() @ rad
@@ -184,10 +185,7 @@ def dense_fused_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         w = torch.where(u - l > 1e-6, (torch.exp(u - M) - torch.exp(l - M)) / (u - l).clamp(min=1e-300),
                         torch.exp(u - M))
         offset = math.exp(-M) + float((torch.exp(l - M) - w * l).sum())
-        row, const = -(w @ D)[None], -(w @ (b[others] - b[yi]))[None]
-        lam, c = _crown_back(ops[:-1], row, const, records)
-        in_mid, in_rad = (hi + lo) / 2, (hi - lo) / 2
-        low_bound = float(lam @ in_mid - lam.abs() @ in_rad + c)
+        low_bound = float(crown(-(w @ D)[None], -(w @ (b[others] - b[yi]))[None]))
         out.append(M + math.log(max(offset - low_bound, math.exp(-M))))
     return torch.tensor(out, dtype=torch.float64)
 
