@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from . import ops
 from .layers import batchnorm_scale_shift, conv_padding, flatten_layers
 from .nn import Normalize, Residual
+from .precision import full_precision
 
 __all__ = ["interval_bounds", "margin_bounds", "propagate", "FusedBackend", "get_backend"]
 
@@ -216,9 +217,9 @@ def _check_labels(y: Tensor, x: Tensor, num_classes: Optional[int]) -> Tensor:
 
 
 def _full_precision(x: Tensor):
-    """Bounds are never computed in autocast's reduced precision: a bf16 bound is not a bound of
-    the float32 network. Inside mixed-precision training steps this switches autocast off."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
+    """Bounds are never computed in reduced precision (autocast, TF32, bf16 fp32-modes): a bf16 or
+    TF32 bound is not a bound of the float32 network (see :mod:`pyibp.precision`)."""
+    return full_precision(x.device.type)
 
 
 # ---------------------------------------------------------------------------------------------

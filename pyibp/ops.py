@@ -12,7 +12,6 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _C  # noqa: F401  (loads the operator library)
 
@@ -534,27 +533,17 @@ for _name in ("pgd_linf_step_", "pgd_l2_step_"):
 
 
 # ---------------------------------------------------------------------------------------------
-# |W|, cached per weight version
-# Keyed by identity (tensors compare elementwise), dropped with the weight.
-_abs_cache = WeakIdKeyDictionary()
-
-
+# |W|
 def abs_weight(weight: Tensor) -> Tensor:
-    """``weight.abs()``, cached until the weight is modified in place (its version changes).
+    """``weight.abs()``, the second operand of every interval product.
 
-    When gradients are needed (training) the result must be part of the autograd graph, so it is
-    computed afresh; under ``torch.no_grad`` (verification, attacks on bounds) it is reused.
+    Computed afresh on every call. A cache keyed on the weight's version counter returned a stale
+    ``|W|`` after changes that bypass the counter (``weight.data.mul_(3)``,
+    ``nn.utils.vector_to_parameters``), which made bounds wrong; ``|W|`` costs one pass over the
+    weights, far less than the products it feeds.
 
     Example:
-        >>> w = torch.randn(3, 3)
-        >>> with torch.no_grad():
-        ...     assert abs_weight(w) is abs_weight(w)
+        >>> abs_weight(torch.tensor([[-1.0, 2.0]]))
+        tensor([[1., 2.]])
     """
-    if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
-        return weight.abs()
-    hit = _abs_cache.get(weight)
-    if hit is not None and hit[0] == weight._version:
-        return hit[1]
-    absw = weight.detach().abs()
-    _abs_cache[weight] = (weight._version, absw)
-    return absw
+    return weight.abs()

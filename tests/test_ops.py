@@ -281,20 +281,6 @@ def test_opcheck_all_operators(device):
               torch.tensor([0, 5, 2], device=device)))
 
 
-# --- |W| cache ----------------------------------------------------------------------------------
-def test_abs_weight_is_cached_until_the_weight_changes():
-    w = torch.nn.Parameter(torch.randn(3, 3))
-    with torch.no_grad():
-        first = ops.abs_weight(w)
-        assert ops.abs_weight(w) is first
-        w.mul_(-2)
-        second = ops.abs_weight(w)
-    assert second is not first
-    torch.testing.assert_close(second, w.detach().abs())
-    fresh = ops.abs_weight(w)  # grad mode, parameter: part of the graph
-    assert fresh.requires_grad
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_on_cuda_matches_float32_reference(dtype):
