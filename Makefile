@@ -6,8 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # torch/torchvision for this project's own environment (users bring theirs: setup.py says torch>=2.4).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/math/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 export MAX_JOBS ?= 2
+# One architecture keeps this environment's builds short (the lent GPUs are Hopper); setup.py's own
+# default, for everyone else, is every architecture the installed torch supports.
+export TORCH_CUDA_ARCH_LIST ?= 9.0
 
 .PHONY: install test demo bench clean
 

@@ -6,10 +6,15 @@
 
 namespace pyibp {
 // Messages use the operator's schema names. Kernels keep a raw argument as `name_in` when they
-// work on a converted copy `name`, so the suffix is dropped here.
+// work on a converted copy `name`, and optional arguments are spelled `name.value()`, so those
+// suffixes are dropped here.
 inline std::string arg(const char* expr) {
   std::string s(expr);
-  if (s.size() > 3 && s.compare(s.size() - 3, 3, "_in") == 0) s.resize(s.size() - 3);
+  for (const std::string suffix : {".value()", "_in"}) {
+    if (s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      s.resize(s.size() - suffix.size());
+    }
+  }
   return s;
 }
 }  // namespace pyibp

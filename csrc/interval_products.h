@@ -64,6 +64,8 @@ inline void check_relu_backward(const at::Tensor& grad_mu, const at::Tensor& gra
   check_pair(out_mu, out_rad);
   check_pair(grad_mu, grad_rad);
   PYIBP_CHECK_SAME_SHAPE(grad_mu, out_mu);
+  PYIBP_CHECK_SAME_DTYPE(grad_mu, out_mu);
+  PYIBP_CHECK_SAME_DEVICE(grad_mu, out_mu);
 }
 
 inline void check_crown_relu_step(const at::Tensor& A, const at::Tensor& mu, const at::Tensor& rad) {
@@ -95,10 +97,14 @@ inline void check_affine(const at::Tensor& mu, const at::Tensor& rad, const at::
   const int64_t channels = mu.size(1);
   TORCH_CHECK(scale.numel() == channels && shift.numel() == channels, "scale and shift must hold one "
               "value per channel (", channels, "), got ", scale.sizes(), " and ", shift.sizes());
+  PYIBP_CHECK_FLOAT(scale);
+  PYIBP_CHECK_FLOAT(shift);
+  PYIBP_CHECK_SAME_DEVICE(mu, scale);
+  PYIBP_CHECK_SAME_DEVICE(mu, shift);
 }
 
 inline void check_margin_elision(const at::Tensor& mu, const at::Tensor& rad, const at::Tensor& weight,
-                                 const at::Tensor& labels) {
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& labels) {
   check_pair(mu, rad);
   PYIBP_CHECK_DIM(mu, 2);
   PYIBP_CHECK_DIM(weight, 2);
@@ -109,8 +115,14 @@ inline void check_margin_elision(const at::Tensor& mu, const at::Tensor& rad, co
               weight.size(1));
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == mu.size(0), "labels must have shape (", mu.size(0),
               ",), got ", labels.sizes());
-  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()), "labels must be integers, got ",
+  TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false), "labels must be integers, got ",
               labels.scalar_type());
+  if (bias.has_value()) {
+    PYIBP_CHECK_SAME_DTYPE(mu, bias.value());
+    PYIBP_CHECK_SAME_DEVICE(mu, bias.value());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (",
+                weight.size(0), ",) to match weight ", weight.sizes(), ", got ", bias->sizes());
+  }
 }
 
 // mu' = mu W^T (+ b when add_bias), rad' = rad |W|^T.

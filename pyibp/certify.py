@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .attacks import pgd
 from .bounds import margin_bounds
+from .precision import full_precision
 from .train import batches, eval_mode, model_device, progress
 
 __all__ = ["verify", "robustness_report", "VerificationResult", "METHODS"]
@@ -138,7 +139,9 @@ def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", low
     verified, worst, correct = [], [], []
     with eval_mode(model), torch.no_grad():
         for x, y in _batches_of(data, model, device, batch_size, f"verify {method}", quiet):
-            right = model(x).argmax(1) == y
+            # The classification is part of the certificate: in IEEE float32 too (pyibp.precision).
+            with full_precision(x.device.type):
+                right = model(x).argmax(1) == y
             v, w = _certify_batch(model, x, y, eps, method, lower, upper, dtype, right)
             verified.append(v.cpu())
             worst.append(w.cpu())

@@ -25,17 +25,34 @@ _ops = torch.ops.pyibp
 Pair = Tuple[Tensor, Tensor]
 
 
-def _dense_like(a: Tensor, b: Tensor) -> Pair:
-    """The layout the kernels give their outputs: a's if a and b share a dense layout, else row-major."""
-    channels_last = (a.dim() == 4 and not a.is_contiguous()
-                     and a.is_contiguous(memory_format=torch.channels_last)
-                     and b.is_contiguous(memory_format=torch.channels_last))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return (torch.empty_like(a, memory_format=fmt), torch.empty_like(b, memory_format=fmt))
+# The fakes below mirror the kernels' layout rules line by line (csrc/interval_products.h), so that
+# torch.compile and opcheck see the strides the kernels really return.
+def _is_channels_last(t: Tensor) -> bool:
+    """``is_channels_last`` of the kernels: 4-d, not row-major, dense in channels-last order."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _contiguous_like(a: Tensor) -> Tensor:
-    return torch.empty(a.shape, dtype=a.dtype, device=a.device)
+def _same_dense_layout(a: Tensor, b: Tensor) -> Pair:
+    """``same_dense_layout``: both as they are when they share a dense layout, else row-major."""
+    if (a.is_contiguous() and b.is_contiguous()) or (_is_channels_last(a) and _is_channels_last(b)):
+        return a, b
+    return a.contiguous(), b.contiguous()
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``dense``: t when row-major or channels-last, else a row-major copy."""
+    return t if t.is_contiguous() or _is_channels_last(t) else t.contiguous()
+
+
+def _dense_like(t: Tensor, like: Tensor) -> Tensor:
+    """``dense_like``: t in the dense layout of ``like``."""
+    return t.contiguous(memory_format=torch.channels_last) if _is_channels_last(like) else t.contiguous()
+
+
+def _fresh_pair(a: Tensor, b: Tensor) -> Pair:
+    """The outputs of an elementwise kernel over ``same_dense_layout(a, b)``."""
+    a, b = _same_dense_layout(a, b)
+    return torch.empty_like(a), torch.empty_like(b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +76,8 @@ def input_box(x: Tensor, eps: Tensor, lower: float, upper: float) -> Pair:
 
 @torch.library.register_fake("pyibp::input_box")
 def _(x, eps, lower, upper):
-    return _contiguous_like(x), _contiguous_like(x)
+    x = x.contiguous()
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 def _input_box_setup(ctx, inputs, output):
@@ -103,7 +121,7 @@ def interval_relu(mu: Tensor, rad: Tensor) -> Pair:
 
 @torch.library.register_fake("pyibp::interval_relu")
 def _(mu, rad):
-    return _dense_like(mu, rad)
+    return _fresh_pair(mu, rad)
 
 
 def _relu_setup(ctx, inputs, output):
@@ -120,7 +138,9 @@ torch.library.register_autograd("pyibp::interval_relu", _relu_backward, setup_co
 
 @torch.library.register_fake("pyibp::interval_relu_backward")
 def _(grad_mu, grad_rad, out_mu, out_rad):
-    return _contiguous_like(grad_mu), _contiguous_like(grad_rad)
+    # All four in the outputs' layout: a channels-last box keeps channels-last gradients.
+    layout = _dense(out_mu)
+    return torch.empty_like(_dense_like(grad_mu, layout)), torch.empty_like(_dense_like(grad_rad, layout))
 
 
 def _relu_backward_setup(ctx, inputs, output):
@@ -221,7 +241,7 @@ def _(mu, rad, weight, abs_weight, bias, stride, padding, dilation, groups, relu
     conv = torch.ops.aten.convolution.default
     m = conv(mu, weight, None, stride, padding, dilation, False, [0, 0], groups)
     r = conv(rad, abs_weight, None, stride, padding, dilation, False, [0, 0], groups)
-    return _dense_like(m, r) if relu else (m, r)
+    return _fresh_pair(m, r) if relu else (m, r)
 
 
 def _conv_backward(ctx, grad_mu, grad_rad):
@@ -256,7 +276,7 @@ def interval_affine(mu: Tensor, rad: Tensor, scale: Tensor, shift: Tensor) -> Pa
 
 @torch.library.register_fake("pyibp::interval_affine")
 def _(mu, rad, scale, shift):
-    return _dense_like(mu, rad)
+    return _fresh_pair(mu, rad)
 
 
 def _channel_view(t: Tensor, like: Tensor) -> Tensor:
@@ -305,7 +325,7 @@ def interval_to_center(lower: Tensor, upper: Tensor) -> Pair:
 
 
 for _name in ("center_to_interval", "interval_to_center"):
-    torch.library.register_fake(f"pyibp::{_name}")(lambda a, b: _dense_like(a, b))
+    torch.library.register_fake(f"pyibp::{_name}")(_fresh_pair)
 
 
 def _save_nothing(ctx, inputs, output):
@@ -402,8 +422,8 @@ def relu_relaxation(lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor, Tenso
 
 @torch.library.register_fake("pyibp::relu_relaxation")
 def _(lower, upper):
-    a, b = _dense_like(lower, upper)
-    return a, b, torch.empty_like(a)
+    lower, _ = _same_dense_layout(lower, upper)
+    return torch.empty_like(lower), torch.empty_like(lower), torch.empty_like(lower)
 
 
 def _relaxation_setup(ctx, inputs, output):
@@ -453,12 +473,13 @@ def crown_relu_step(A: Tensor, mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tensor]
 
 @torch.library.register_fake("pyibp::crown_relu_step")
 def _(A, mu, rad):
-    return A.new_empty(A.shape), A.new_empty(A.shape[:2])
+    return torch.empty_like(A.contiguous()), A.new_empty(A.shape[:2])
 
 
 @torch.library.register_fake("pyibp::crown_relu_step_backward")
 def _(grad_out, grad_shift, A, mu, rad):
-    return A.new_empty(A.shape), mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+    mu = mu.contiguous()
+    return torch.empty_like(A.contiguous()), torch.empty_like(mu), torch.empty_like(mu)
 
 
 def _crown_relu_step_setup(ctx, inputs, output):

@@ -251,54 +251,279 @@ def _opcheck(op, args):
                                                 "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def _laid_out(t, layout):
+    """t as the kernels may receive it: row-major, channels_last (4-d), or strided (a view)."""
+    if layout == "channels_last" and t.dim() == 4:
+        return t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(t.requires_grad)
+    if layout == "strided":
+        return noncontiguous(t.detach()).requires_grad_(t.requires_grad)
+    return t
+
+
 @pytest.mark.parametrize("device", devices)
-def test_opcheck_all_operators(device):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_opcheck_all_operators(device, layout):
+    """Schema, autograd registration, fake tensors (strides included) and AOT dispatch of every
+    operator, on row-major, channels_last and strided inputs: the layouts conv nets hand them."""
     kw = dict(dtype=torch.float32, device=device)
-    mu, rad = torch.randn(3, 4, 5, 5, **kw), torch.rand(3, 4, 5, 5, **kw)
-    mu.requires_grad_(), rad.requires_grad_()
+    L = lambda t: _laid_out(t, layout)  # noqa: E731
+    mu, rad = L(torch.randn(3, 4, 5, 5, **kw).requires_grad_()), L(torch.rand(3, 4, 5, 5, **kw).requires_grad_())
     w = torch.randn(2, 4, 3, 3, **kw, requires_grad=True)
     aw = w.detach().abs().requires_grad_()
     b = torch.randn(2, **kw, requires_grad=True)
-    _opcheck(torch.ops.pyibp.input_box.default, (torch.rand(3, 4, **kw), torch.rand(3, **kw), 0.0, 1.0))
+    _opcheck(torch.ops.pyibp.input_box.default, (L(torch.rand(3, 4, 5, 5, **kw)), torch.rand(3, **kw), 0.0, 1.0))
     _opcheck(torch.ops.pyibp.interval_relu.default, (mu, rad))
-    _opcheck(torch.ops.pyibp.interval_relu_backward.default, (mu.detach(), rad.detach(), mu.detach(), rad.detach()))
+    out_mu, out_rad = (t.detach() for t in ops.interval_relu(mu, rad))
+    _opcheck(torch.ops.pyibp.interval_relu_backward.default,
+             (L(torch.randn(3, 4, 5, 5, **kw)), L(torch.randn(3, 4, 5, 5, **kw)), out_mu, out_rad))
     _opcheck(torch.ops.pyibp.interval_affine.default, (mu, rad, torch.randn(4, **kw), torch.randn(4, **kw)))
     _opcheck(torch.ops.pyibp.center_to_interval.default, (mu, rad))
     _opcheck(torch.ops.pyibp.interval_to_center.default, (mu, rad))
-    _opcheck(torch.ops.pyibp.relu_relaxation.default, (mu - rad, mu + rad))
-    flat_mu, flat_rad = mu.flatten(1), rad.flatten(1)
-    A = torch.randn(3, 2, flat_mu.shape[1], **kw, requires_grad=True)
+    _opcheck(torch.ops.pyibp.relu_relaxation.default, (L(mu.detach() - rad.detach()), L(mu.detach() + rad.detach())))
+    flat_mu = L(torch.randn(3, 100, **kw).requires_grad_())
+    flat_rad = L(torch.rand(3, 100, **kw).requires_grad_())
+    A = L(torch.randn(3, 2, 100, **kw).requires_grad_())
     _opcheck(torch.ops.pyibp.crown_relu_step.default, (A, flat_mu, flat_rad))
     _opcheck(torch.ops.pyibp.crown_relu_step_backward.default,
-             (torch.randn_like(A), torch.randn(3, 2, **kw), A.detach(), flat_mu.detach(), flat_rad.detach()))
+             (L(torch.randn(3, 2, 100, **kw)), torch.randn(3, 2, **kw), A.detach(), flat_mu.detach(),
+              flat_rad.detach()))
     for relu in (False, True):
         _opcheck(torch.ops.pyibp.interval_conv2d.default, (mu, rad, w, aw, b, [1, 1], [1, 1], [1, 1], 1, relu))
         lw = torch.randn(3, 4, **kw, requires_grad=True)
         _opcheck(torch.ops.pyibp.interval_linear.default,
-                 (mu[:, :, 0, 0], rad[:, :, 0, 0], lw, lw.detach().abs(), None, relu))
+                 (L(torch.randn(3, 4, **kw).requires_grad_()), L(torch.rand(3, 4, **kw).requires_grad_()), lw,
+                  lw.detach().abs(), None, relu))
     _opcheck(torch.ops.pyibp.margin_elision.default,
-             (mu[:, :, 0, 0], rad[:, :, 0, 0], torch.randn(6, 4, **kw), torch.randn(6, **kw),
+             (L(torch.randn(3, 4, **kw)), L(torch.rand(3, 4, **kw)), torch.randn(6, 4, **kw), torch.randn(6, **kw),
               torch.tensor([0, 5, 2], device=device)))
 
 
+@pytest.mark.slow
+def test_compiled_channels_last_backward_of_the_fused_relu():
+    """Inductor checks the strides the fakes promise against the kernels': the backward of a fused
+    convolution + ReLU on channels_last boxes (the usual layout of conv nets on GPUs) once failed."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+
+    def loss(mu, rad):
+        m, r = ops.interval_conv2d(mu, rad, w, w.abs(), b, (1, 1), (1, 1), (1, 1), 1, True)
+        m, r = ops.interval_relu(m, r)
+        return (m * m + r).sum()
+
+    cl = torch.channels_last
+    mu = torch.randn(2, 4, 6, 6).contiguous(memory_format=cl).requires_grad_()
+    rad = torch.rand(2, 4, 6, 6).contiguous(memory_format=cl).requires_grad_()
+    expected = torch.autograd.grad(loss(mu, rad), (mu, rad, w, b))
+    torch._dynamo.reset()
+    # Inductor's on-disk graph cache does not key on the Python fakes: compile afresh.
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        compiled = torch.compile(loss, backend="inductor", fullgraph=True)
+        got = torch.autograd.grad(compiled(mu, rad), (mu, rad, w, b))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+# --- defects found by review, each with the input that showed it ---------------------------------
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_fused_relu_reads_a_strided_bias_by_its_strides(device, kind):
+    torch.manual_seed(0)
+    bias = torch.randn(4, 2, device=device)[:, 0]        # stride 2
+    assert not bias.is_contiguous()
+    if kind == "linear":
+        mu, rad = pair((3, 5), torch.float32, device)
+        w = torch.randn(4, 5, device=device)
+        args = (w, w.abs(), bias, True)
+        fused, ref = ops.interval_linear(mu, rad, *args), reference.interval_linear_ref(mu, rad, *args)
+    else:
+        mu, rad = pair((2, 3, 5, 5), torch.float32, device)
+        w = torch.randn(4, 3, 3, 3, device=device)
+        args = (w, w.abs(), bias, (1, 1), (1, 1), (1, 1), 1, True)
+        fused, ref = ops.interval_conv2d(mu, rad, *args), reference.interval_conv2d_ref(mu, rad, *args)
+    close(fused, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_margin_elision_checks_its_bias(device):
+    mu, rad = pair((2, 3), torch.float32, device)
+    w, y = torch.randn(4, 3, device=device), torch.tensor([0, 1], device=device)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(4,\)"):
+        ops.margin_elision(mu, rad, w, torch.randn(3, device=device), y)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(4,\)"):
+        ops.margin_elision(mu, rad, w, torch.randn(4, 1, device=device), y)
+    with pytest.raises(RuntimeError, match="mu and bias must have the same dtype"):
+        ops.margin_elision(mu, rad, w, torch.randn(4, dtype=torch.float64, device=device), y)
+    with pytest.raises(RuntimeError, match="labels must be integers"):
+        ops.margin_elision(mu, rad, w, None, torch.tensor([True, False], device=device))
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_refuse_arguments_on_the_host():
+    mu, rad = pair((2, 3, 4, 4), torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="mu and bias must be on the same device"):
+        ops.margin_elision(mu[:, :, 0, 0], rad[:, :, 0, 0], torch.randn(4, 3, device="cuda"), torch.randn(4),
+                           torch.tensor([0, 1], device="cuda"))
+    with pytest.raises(RuntimeError, match="mu and scale must be on the same device"):
+        ops.interval_affine(mu, rad, torch.randn(3), torch.randn(3, device="cuda"))
+    with pytest.raises(RuntimeError, match="mu and shift must be on the same device"):
+        ops.interval_affine(mu, rad, torch.randn(3, device="cuda"), torch.randn(3))
+    with pytest.raises(RuntimeError, match="grad_mu and out_mu must be on the same device"):
+        torch.ops.pyibp.interval_relu_backward(mu.cpu(), rad.cpu(), mu, rad)
+
+
+def test_relu_backward_refuses_gradients_of_another_dtype():
+    mu, rad = pair((2, 3), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="grad_mu and out_mu must have the same dtype"):
+        torch.ops.pyibp.interval_relu_backward(mu.double(), rad.double(), mu, rad)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_a_nan_never_becomes_a_finite_box(device):
+    nan = float("nan")
+    mu = torch.tensor([[nan, 0.5, nan, -2.0]], device=device)
+    rad = torch.tensor([[1.0, nan, nan, 1.0]], device=device)
+    for out in ops.interval_relu(mu, rad):
+        assert out[0, :3].isnan().all() and out[0, 3] == 0
+    x = torch.tensor([[nan, 0.5]], device=device)
+    for out in ops.input_box(x, torch.tensor(0.1, device=device), 0.0, 1.0):
+        assert out[0, 0].isnan() and not out[0, 1].isnan()
+    for out in ops.input_box(torch.tensor([[0.5]], device=device), torch.tensor(nan, device=device), 0.0, 1.0):
+        assert out.isnan().all()
+    for out in ops.relu_relaxation(torch.tensor([nan, -1.0, nan], device=device),
+                                   torch.tensor([1.0, nan, nan], device=device)):
+        assert out.isnan().all()
+    A = torch.tensor([[[1.0, -1.0, 0.0]]], device=device)
+    step, shift = ops.crown_relu_step(A, torch.tensor([[nan, 0.0, nan]], device=device),
+                                      torch.tensor([[1.0, nan, 1.0]], device=device))
+    assert step.isnan().all() and shift.isnan().all()
+    scale = torch.tensor([nan, 1.0], device=device)
+    for out in ops.interval_affine(torch.zeros(1, 2, device=device), torch.ones(1, 2, device=device), scale,
+                                   torch.zeros(2, device=device)):
+        assert out[0, 0].isnan() and not out[0, 1].isnan()
+    # A dead lane's gradient is the product mask * gradient on every backend: 0 * inf is NaN.
+    out_mu, out_rad = torch.tensor([[0.0, 1.0]], device=device), torch.tensor([[0.0, 0.5]], device=device)
+    g = torch.tensor([[float("inf"), 1.0]], device=device)
+    g_mu, g_rad = torch.ops.pyibp.interval_relu_backward(g, torch.zeros_like(g), out_mu, out_rad)
+    assert g_mu[0, 0].isnan() and g_mu[0, 1] == 1.0
+
+
+def _run_with_timeout(code: str, seconds: float = 120.0):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds)
+
+
+def test_pgd_steps_refuse_impossible_inputs_at_once():
+    """An input outside the domain once made the projection walk one ulp at a time towards zero:
+    11.8 s for one float32 element, no end for float64. In a subprocess, so a hang fails the test."""
+    code = """
+import itertools, torch, pyibp
+for dtype, step, (x, eps) in itertools.product(
+        (torch.float32, torch.float64), ("pgd_linf_step_", "pgd_l2_step_"),
+        ((1.5, 0.1), (-0.25, 0.1), (0.5, -0.1), (float("nan"), 0.1))):
+    d = torch.full((1, 4), 0.05, dtype=dtype)
+    try:
+        getattr(pyibp.ops, step)(d, torch.ones_like(d), torch.full_like(d, x), torch.tensor(eps),
+                                 torch.tensor(0.01), 0.0, 1.0)
+        print("accepted", dtype, step, x, eps)
+    except RuntimeError as err:
+        assert "outside [lower, upper]" in str(err), err
+        print("refused")
+"""
+    result = _run_with_timeout(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["refused"] * 16, result.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_pgd_projection_is_exact_at_the_edges_of_the_domain(dtype):
+    """Values whose rounding lands just outside the ball or the domain are moved inside, in few steps."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.rand(4, 256), torch.ones(1, 256), torch.zeros(1, 256)]).to(dtype)
+    eps = torch.tensor(1 / 3)
+    delta = torch.zeros_like(x)
+    for _ in range(5):
+        ops.pgd_linf_step_(delta, torch.randn_like(x), x, eps, torch.tensor(0.3), 0.0, 1.0)
+        moved = x + delta
+        assert (delta.abs().double() <= float(eps)).all()
+        assert (moved >= 0).all() and (moved <= 1).all()
+
+
+def _elision_in_lane_order(mu, rad, w, b, y):
+    """margin_elision by the order math/elision.h fixes (32 lanes, shuffle-down tree, bias last),
+    written independently in float64 Python."""
+    B, F = mu.shape
+    out = torch.zeros(B, w.shape[0], dtype=torch.float64)
+    for bi in range(B):
+        for j in range(w.shape[0]):
+            if j == int(y[bi]):
+                continue
+            lanes = [0.0] * 32
+            for f in range(F):
+                d = float(w[y[bi], f]) - float(w[j, f])
+                lanes[f % 32] += d * float(mu[bi, f]) - abs(d) * float(rad[bi, f])
+            offset = 16
+            while offset:
+                for lane in range(offset):
+                    lanes[lane] += lanes[lane + offset]
+                offset //= 2
+            out[bi, j] = lanes[0] + (float(b[y[bi]]) - float(b[j]))
+    return out
+
+
+@pytest.mark.parametrize("device", devices)
+def test_margin_elision_sums_in_the_order_both_backends_share(device):
+    torch.manual_seed(0)
+    mu, rad = pair((3, 77), torch.float32, "cpu")
+    w, b, y = torch.randn(5, 77), torch.randn(5), torch.tensor([0, 4, 2])
+    expected = _elision_in_lane_order(mu, rad, w, b, y).float()
+    args = [t.to(device) for t in (mu, rad, w, b, y)]
+    assert torch.equal(ops.margin_elision(*args).cpu(), expected)
+
+
+@pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_precision_on_cuda_matches_float32_reference(dtype):
-    mu, rad = pair((4, 3, 5, 5), torch.float32, "cuda")
+def test_reduced_precision_matches_float32_reference(device, dtype):
+    """Half and bfloat16 on every backend (the CPU ones are computed in float, as on CUDA): every
+    operator against its float32 twin on the same rounded inputs."""
+    torch.manual_seed(0)
+    mu, rad = pair((4, 3, 5, 5), torch.float32, device)
     low = lambda *ts: [t.to(dtype) for t in ts]  # noqa: E731
+    up = lambda out: tuple(t.float() for t in out) if isinstance(out, tuple) else out.float()  # noqa: E731
     mu_l, rad_l = low(mu, rad)
-    ref = reference.interval_relu_ref(mu_l.float(), rad_l.float())
-    close(tuple(t.float() for t in ops.interval_relu(mu_l, rad_l)), ref, dtype)
-    w = torch.randn(6, 3, 3, 3, device="cuda")
-    w_l, b_l = low(w, torch.randn(6, device="cuda"))
-    args = ((1, 1), (1, 1), (1, 1), 1, True)
-    out = ops.interval_conv2d(mu_l, rad_l, w_l, w_l.abs(), b_l, *args)
-    ref = reference.interval_conv2d_ref(mu_l.float(), rad_l.float(), w_l.float(), w_l.abs().float(), b_l.float(), *args)
-    close(tuple(t.float() for t in out), ref, dtype)
+    m32, r32 = mu_l.float(), rad_l.float()
+    close(up(ops.interval_relu(mu_l, rad_l)), reference.interval_relu_ref(m32, r32), dtype)
+    close(up(ops.center_to_interval(mu_l, rad_l)), reference.center_to_interval_ref(m32, r32), dtype)
+    close(up(ops.interval_to_center(mu_l, rad_l)), reference.interval_to_center_ref(m32, r32), dtype)
+    close(up(ops.relu_relaxation(mu_l - rad_l, mu_l + rad_l)),
+          reference.relu_relaxation_ref((mu_l - rad_l).float(), (mu_l + rad_l).float()), dtype)
+    scale, shift = low(torch.randn(3, device=device), torch.randn(3, device=device))
+    close(up(ops.interval_affine(mu_l, rad_l, scale, shift)),
+          reference.interval_affine_ref(m32, r32, scale.float(), shift.float()), dtype)
+    x = torch.rand(4, 6, device=device).to(dtype)
+    eps = torch.tensor(0.1, device=device)
+    close(up(ops.input_box(x, eps, 0.0, 1.0)), reference.input_box_ref(x.float(), eps, 0.0, 1.0), dtype)
+    w, b = low(torch.randn(6, 3, 3, 3, device=device), torch.randn(6, device=device))
+    for relu in (False, True):
+        args = ((1, 1), (1, 1), (1, 1), 1, relu)
+        close(up(ops.interval_conv2d(mu_l, rad_l, w, w.abs(), b, *args)),
+              reference.interval_conv2d_ref(m32, r32, w.float(), w.abs().float(), b.float(), *args), dtype)
+        lw = torch.randn(5, 6, device=device).to(dtype)
+        close(up(ops.interval_linear(x, x, lw, lw.abs(), b[:5], relu)),
+              reference.interval_linear_ref(x.float(), x.float(), lw.float(), lw.abs().float(), b[:5].float(), relu),
+              dtype)
+    lw, y = torch.randn(5, 6, device=device).to(dtype), torch.tensor([0, 4, 1, 2], device=device)
+    close(up(ops.margin_elision(x, x, lw, b[:5], y)),
+          reference.margin_elision_ref(x.float(), x.float(), lw.float(), b[:5].float(), y), dtype)
+    A = torch.randn(4, 2, 6, device=device).to(dtype)
+    close(up(ops.crown_relu_step(A, x - 0.5, x)), reference.crown_relu_step_ref(A.float(), x.float() - 0.5, x.float()),
+          dtype)
     delta, grad = torch.zeros_like(mu_l), torch.randn_like(mu_l)
-    x = torch.rand_like(mu_l)
-    eps = torch.tensor(0.1, device="cuda")
-    ops.pgd_linf_step_(delta, grad, x, eps, eps / 2, 0.0, 1.0)
-    assert (delta.float().abs() <= 0.1).all()
-    moved = (x + delta).float()
-    assert (moved >= 0).all() and (moved <= 1).all()
+    xb = torch.rand_like(mu_l)
+    for step in (ops.pgd_linf_step_, ops.pgd_l2_step_):
+        step(delta, grad, xb, eps, eps / 2, 0.0, 1.0)
+        moved = xb + delta
+        assert (delta.float().abs() <= 0.1).all()
+        assert (moved >= 0).all() and (moved <= 1).all()

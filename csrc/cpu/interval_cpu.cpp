@@ -1,43 +1,57 @@
 // CPU kernels of the interval operators: single passes over memory with at::parallel_for,
-// written as plain restrict-qualified loops that the compiler vectorises.
-#include <ATen/AccumulateType.h>
+// written as plain restrict-qualified loops that the compiler vectorises. The per-element
+// formulas are those of the CUDA kernels (csrc/math/*.h); half and bfloat16 are computed in float
+// and stored back, as on CUDA.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "cpu/loops.h"
 #include "interval_products.h"
-#include "relaxation.h"
+#include "math/box.h"
+#include "math/elision.h"
+#include "math/relaxation.h"
 
 namespace pyibp {
 namespace {
 
-// Interval ReLU in centre-radius form: l = mu - r, u = mu + r, then relu both ends.
+#define PYIBP_DISPATCH(type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
+
 template <typename T>
-inline void relu_center_radius(T m, T r, T* __restrict__ mu_out, T* __restrict__ rad_out) {
-  const T l = std::max(m - r, T(0));
-  const T u = std::max(m + r, T(0));
-  *mu_out = (l + u) * T(0.5);
-  *rad_out = (u - l) * T(0.5);
+using opmath_t = at::opmath_type<T>;
+
+// Stores a box computed in opmath into two outputs of the tensor's dtype.
+template <typename T, typename acc_t>
+inline void store(const Box<acc_t>& b, T* __restrict__ first, T* __restrict__ second) {
+  *first = static_cast<T>(b.first);
+  *second = static_cast<T>(b.second);
 }
 
 // In place on fresh product outputs: add the bias of channel c, then the interval ReLU.
-void bias_relu_epilogue(at::Tensor& mu, at::Tensor& rad, const std::optional<at::Tensor>& bias) {
-  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_bias_relu_cpu", [&] {
+void bias_relu_epilogue(at::Tensor& mu, at::Tensor& rad, const std::optional<at::Tensor>& bias_in) {
+  PYIBP_DISPATCH(mu.scalar_type(), "pyibp_bias_relu_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
     scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
     scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
-    if (!bias.has_value()) {
+    if (!bias_in.has_value()) {
       at::parallel_for(0, mu.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) relu_center_radius(m[i], r[i], m + i, r + i);
+        for (int64_t i = begin; i < end; ++i) {
+          store(relu_box_at(acc_t(m[i]), acc_t(r[i])), m + i, r + i);
+        }
       });
       return;
     }
-    const scalar_t* __restrict__ b = bias->data_ptr<scalar_t>();
-    for_each_with_channel(mu, [&](int64_t i, int64_t c) { relu_center_radius(m[i] + b[c], r[i], m + i, r + i); });
+    // A strided bias (a view such as w[:, 0]) is read through a contiguous copy.
+    const at::Tensor bias = bias_in->contiguous();
+    const scalar_t* __restrict__ b = bias.data_ptr<scalar_t>();
+    for_each_with_channel(mu, [&](int64_t i, int64_t c) {
+      store(relu_box_at(acc_t(m[i]) + acc_t(b[c]), acc_t(r[i])), m + i, r + i);
+    });
   });
 }
 
@@ -45,21 +59,21 @@ std::tuple<at::Tensor, at::Tensor> input_box_cpu(const at::Tensor& x_in, const a
                                                  double lower, double upper) {
   check_input_box(x_in, eps_in, lower, upper);
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor eps = eps_in.to(x.scalar_type()).contiguous();
+  // Double, as on CUDA, so that a float64 box is not rounded to a narrower eps.
+  const at::Tensor eps = eps_in.to(at::kDouble).contiguous();
   at::Tensor mu = at::empty_like(x), rad = at::empty_like(x);
   const int64_t n = x.numel(), per = per_example(x);
   const bool shared_eps = eps.numel() == 1;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyibp_input_box_cpu", [&] {
+  PYIBP_DISPATCH(x.scalar_type(), "pyibp_input_box_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* __restrict__ xp = x.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ ep = eps.data_ptr<scalar_t>();
+    const double* __restrict__ ep = eps.data_ptr<double>();
     scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
     scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
-    const scalar_t lo = static_cast<scalar_t>(lower), hi = static_cast<scalar_t>(upper);
+    const acc_t lo = static_cast<acc_t>(lower), hi = static_cast<acc_t>(upper);
     for_each_with_example(n, per, [&](int64_t i, int64_t b) {
-      const scalar_t e = ep[shared_eps ? 0 : b];
-      const scalar_t l = std::max(xp[i] - e, lo), u = std::min(xp[i] + e, hi);
-      m[i] = (l + u) * scalar_t(0.5);
-      r[i] = (u - l) * scalar_t(0.5);
+      const acc_t e = static_cast<acc_t>(ep[shared_eps ? 0 : b]);
+      store(input_box_at(acc_t(xp[i]), e, lo, hi), m + i, r + i);
     });
   });
   return {mu, rad};
@@ -90,30 +104,27 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_cpu(const at::Tensor& mu_in, co
   check_pair(mu_in, rad_in);
   auto [mu, rad] = same_dense_layout(mu_in, rad_in);
   at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
-  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_interval_relu_cpu", [&] {
+  PYIBP_DISPATCH(mu.scalar_type(), "pyibp_interval_relu_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
     const scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
     scalar_t* __restrict__ mo = mu_out.data_ptr<scalar_t>();
     scalar_t* __restrict__ ro = rad_out.data_ptr<scalar_t>();
     at::parallel_for(0, mu.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) relu_center_radius(m[i], r[i], mo + i, ro + i);
+      for (int64_t i = begin; i < end; ++i) store(relu_box_at(acc_t(m[i]), acc_t(r[i])), mo + i, ro + i);
     });
   });
   return {mu_out, rad_out};
 }
 
 // A function with restrict parameters, so the compiler vectorises without run-time alias checks.
+// The masks are arithmetic rather than branches: the pattern is data-dependent and mispredicts.
 template <typename T>
 void relu_backward_loop(const T* __restrict__ gm, const T* __restrict__ gr, const T* __restrict__ m,
                         const T* __restrict__ r, T* __restrict__ gm_out, T* __restrict__ gr_out, int64_t n) {
+  using acc_t = opmath_t<T>;
   for (int64_t i = 0; i < n; ++i) {
-    // relu(l) > 0 exactly when l > 0, so the outputs carry the activation pattern. Masks as
-    // arithmetic rather than branches: the pattern is data-dependent and mispredicts badly.
-    const T pass_l = T(m[i] - r[i] > 0), pass_u = T(m[i] + r[i] > 0);
-    const T gl = pass_l * (gm[i] - gr[i]) * T(0.5);
-    const T gu = pass_u * (gm[i] + gr[i]) * T(0.5);
-    gm_out[i] = gl + gu;
-    gr_out[i] = gu - gl;
+    store(relu_box_grad_at(acc_t(gm[i]), acc_t(gr[i]), acc_t(m[i]), acc_t(r[i])), gm_out + i, gr_out + i);
   }
 }
 
@@ -126,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cpu(const at::Tensor& 
   const at::Tensor om = dense(out_mu_in), orad = dense_like(out_rad_in, om);
   const at::Tensor gm = dense_like(grad_mu_in, om), gr = dense_like(grad_rad_in, om);
   at::Tensor grad_mu = at::empty_like(gm), grad_rad = at::empty_like(gr);
-  AT_DISPATCH_FLOATING_TYPES(gm.scalar_type(), "pyibp_interval_relu_backward_cpu", [&] {
+  PYIBP_DISPATCH(gm.scalar_type(), "pyibp_interval_relu_backward_cpu", [&] {
     const scalar_t* __restrict__ gmp = gm.data_ptr<scalar_t>();
     const scalar_t* __restrict__ grp = gr.data_ptr<scalar_t>();
     const scalar_t* __restrict__ m = om.data_ptr<scalar_t>();
@@ -148,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor> interval_affine_cpu(const at::Tensor& mu_in, 
   const at::Tensor scale = scale_in.to(mu.scalar_type()).contiguous();
   const at::Tensor shift = shift_in.to(mu.scalar_type()).contiguous();
   at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
-  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_interval_affine_cpu", [&] {
+  PYIBP_DISPATCH(mu.scalar_type(), "pyibp_interval_affine_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
     const scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
     const scalar_t* __restrict__ s = scale.data_ptr<scalar_t>();
@@ -156,8 +168,7 @@ std::tuple<at::Tensor, at::Tensor> interval_affine_cpu(const at::Tensor& mu_in, 
     scalar_t* __restrict__ mo = mu_out.data_ptr<scalar_t>();
     scalar_t* __restrict__ ro = rad_out.data_ptr<scalar_t>();
     for_each_with_channel(mu, [&](int64_t i, int64_t c) {
-      mo[i] = m[i] * s[c] + t[c];
-      ro[i] = r[i] * std::abs(s[c]);
+      store(affine_box_at(acc_t(m[i]), acc_t(r[i]), acc_t(s[c]), acc_t(t[c])), mo + i, ro + i);
     });
   });
   return {mu_out, rad_out};
@@ -169,21 +180,14 @@ std::tuple<at::Tensor, at::Tensor> convert_cpu(const at::Tensor& a_in, const at:
   check_pair(a_in, b_in);
   auto [a, b] = same_dense_layout(a_in, b_in);
   at::Tensor first = at::empty_like(a), second = at::empty_like(b);
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pyibp_convert_cpu", [&] {
+  PYIBP_DISPATCH(a.scalar_type(), "pyibp_convert_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* __restrict__ ap = a.data_ptr<scalar_t>();
     const scalar_t* __restrict__ bp = b.data_ptr<scalar_t>();
     scalar_t* __restrict__ fo = first.data_ptr<scalar_t>();
     scalar_t* __restrict__ so = second.data_ptr<scalar_t>();
     at::parallel_for(0, a.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if constexpr (kToInterval) {  // (mu, rad) -> (lower, upper)
-          fo[i] = ap[i] - bp[i];
-          so[i] = ap[i] + bp[i];
-        } else {  // (lower, upper) -> (mu, rad)
-          fo[i] = (ap[i] + bp[i]) * scalar_t(0.5);
-          so[i] = (bp[i] - ap[i]) * scalar_t(0.5);
-        }
-      }
+      for (int64_t i = begin; i < end; ++i) store(convert_at<kToInterval>(acc_t(ap[i]), acc_t(bp[i])), fo + i, so + i);
     });
   });
   return {first, second};
@@ -191,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> convert_cpu(const at::Tensor& a_in, const at:
 
 at::Tensor margin_elision_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in, const at::Tensor& weight_in,
                               const std::optional<at::Tensor>& bias_in, const at::Tensor& labels_in) {
-  check_margin_elision(mu_in, rad_in, weight_in, labels_in);
+  check_margin_elision(mu_in, rad_in, weight_in, bias_in, labels_in);
   const int64_t B = mu_in.size(0), F = mu_in.size(1), K = weight_in.size(0);
   const at::Tensor mu = mu_in.contiguous(), rad = rad_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
@@ -199,11 +203,9 @@ at::Tensor margin_elision_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in,
     const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < K, "labels must lie in [0, ", K, "), got values in [", lo, ", ", hi, "]");
   }
-  const at::Tensor bias = bias_in.has_value() ? bias_in->to(mu.scalar_type()).contiguous()
-                                              : at::zeros({K}, mu.options());
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::zeros({K}, mu.options());
   at::Tensor out = at::empty({B, K}, mu.options());
-  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_margin_elision_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
+  PYIBP_DISPATCH(mu.scalar_type(), "pyibp_margin_elision_cpu", [&] {
     const scalar_t* m = mu.data_ptr<scalar_t>();
     const scalar_t* r = rad.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
@@ -221,12 +223,16 @@ at::Tensor margin_elision_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in,
         const scalar_t* wj = w + j * F;
         const scalar_t* mb = m + b * F;
         const scalar_t* rb = r + b * F;
-        acc_t acc = acc_t(bp[yb]) - acc_t(bp[j]);
-        for (int64_t f = 0; f < F; ++f) {
-          const acc_t d = acc_t(wy[f]) - acc_t(wj[f]);
-          acc += d * acc_t(mb[f]) - std::abs(d) * acc_t(rb[f]);
+        // The lanes and order of the CUDA kernel (math/elision.h).
+        double lanes[kElisionLanes] = {};
+        for (int64_t base = 0; base < F; base += kElisionLanes) {
+          const int64_t count = std::min<int64_t>(kElisionLanes, F - base);
+          for (int64_t lane = 0; lane < count; ++lane) {
+            const int64_t f = base + lane;
+            lanes[lane] += elision_term(double(wy[f]), double(wj[f]), double(mb[f]), double(rb[f]));
+          }
         }
-        o[bj] = static_cast<scalar_t>(acc);
+        o[bj] = static_cast<scalar_t>(elision_with_bias(reduce_lanes(lanes), double(bp[yb]), double(bp[j])));
       }
     });
   });
@@ -236,11 +242,12 @@ at::Tensor margin_elision_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in,
 template <typename T>
 void relaxation_loop(const T* __restrict__ l, const T* __restrict__ u, T* __restrict__ lower_slope,
                      T* __restrict__ upper_slope, T* __restrict__ upper_intercept, int64_t n) {
+  using acc_t = opmath_t<T>;
   for (int64_t i = 0; i < n; ++i) {
-    const ReluRelaxation<T> r = relu_relaxation_at(l[i], u[i]);
-    lower_slope[i] = r.lower_slope;
-    upper_slope[i] = r.upper_slope;
-    upper_intercept[i] = r.upper_intercept;
+    const ReluRelaxation<acc_t> r = relu_relaxation_at(acc_t(l[i]), acc_t(u[i]));
+    lower_slope[i] = static_cast<T>(r.lower_slope);
+    upper_slope[i] = static_cast<T>(r.upper_slope);
+    upper_intercept[i] = static_cast<T>(r.upper_intercept);
   }
 }
 
@@ -250,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cpu(const at::Ten
   auto [lower, upper] = same_dense_layout(lower_in, upper_in);
   at::Tensor lower_slope = at::empty_like(lower), upper_slope = at::empty_like(lower),
              upper_intercept = at::empty_like(lower);
-  AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "pyibp_relu_relaxation_cpu", [&] {
+  PYIBP_DISPATCH(lower.scalar_type(), "pyibp_relu_relaxation_cpu", [&] {
     const scalar_t* __restrict__ l = lower.data_ptr<scalar_t>();
     const scalar_t* __restrict__ u = upper.data_ptr<scalar_t>();
     scalar_t* __restrict__ ls = lower_slope.data_ptr<scalar_t>();
@@ -266,15 +273,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cpu(const at::Ten
 // One row of A through the ReLU step; returns the row's shift. The shift is summed in kLanes
 // fixed partial sums (the same order on every run), which lets the compiler vectorise the loop.
 template <typename T>
-T crown_relu_row(const T* __restrict__ a, const T* __restrict__ m, const T* __restrict__ r, T* __restrict__ out,
-                 int64_t n) {
+opmath_t<T> crown_relu_row(const T* __restrict__ a, const T* __restrict__ m, const T* __restrict__ r,
+                           T* __restrict__ out, int64_t n) {
+  using acc_t = opmath_t<T>;
   constexpr int kLanes = 8;
-  T partial[kLanes] = {};
+  acc_t partial[kLanes] = {};
   const auto one = [&](int64_t i, int lane) {
-    const ReluRelaxation<T> rl = relu_relaxation_at(m[i] - r[i], m[i] + r[i]);
-    const T ai = a[i];
-    out[i] = ai > T(0) ? ai * rl.lower_slope : ai * rl.upper_slope;
-    partial[lane] += ai < T(0) ? ai * rl.upper_intercept : T(0);
+    const acc_t mi = acc_t(m[i]), ri = acc_t(r[i]);
+    acc_t term;
+    out[i] = static_cast<T>(crown_relu_coefficient(acc_t(a[i]), relu_relaxation_at(mi - ri, mi + ri), &term));
+    partial[lane] += term;
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -282,7 +290,7 @@ T crown_relu_row(const T* __restrict__ a, const T* __restrict__ m, const T* __re
     for (int lane = 0; lane < kLanes; ++lane) one(i + lane, lane);
   }
   for (; i < n; ++i) one(i, 0);
-  T sum = 0;
+  acc_t sum = 0;
   for (int lane = 0; lane < kLanes; ++lane) sum += partial[lane];
   return sum;
 }
@@ -293,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> crown_relu_step_cpu(const at::Tensor& A_in, c
   const at::Tensor A = A_in.contiguous(), mu = mu_in.contiguous(), rad = rad_in.contiguous();
   const int64_t rows = A.size(1), n = A.size(2);
   at::Tensor out = at::empty_like(A), shift = at::empty({A.size(0), rows}, A.options());
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "pyibp_crown_relu_step_cpu", [&] {
+  PYIBP_DISPATCH(A.scalar_type(), "pyibp_crown_relu_step_cpu", [&] {
     const scalar_t* __restrict__ a = A.data_ptr<scalar_t>();
     const scalar_t* __restrict__ m = mu.data_ptr<scalar_t>();
     const scalar_t* __restrict__ r = rad.data_ptr<scalar_t>();
@@ -307,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> crown_relu_step_cpu(const at::Tensor& A_in, c
         const scalar_t* __restrict__ mb = m + (row / rows) * n;
         const scalar_t* __restrict__ rb = r + (row / rows) * n;
         scalar_t* __restrict__ orow = o + row * n;
-        sh[row] = crown_relu_row(ar, mb, rb, orow, n);
+        sh[row] = static_cast<scalar_t>(crown_relu_row(ar, mb, rb, orow, n));
       }
     });
   });
@@ -315,31 +323,34 @@ std::tuple<at::Tensor, at::Tensor> crown_relu_step_cpu(const at::Tensor& A_in, c
 }
 
 // The backward of one row: its gradient, and its terms of the slope and intercept gradients
-// (summed over the rows of an example into s_acc and i_acc).
-template <typename T>
-void crown_relu_row_backward(const T* __restrict__ a, const T* __restrict__ g, T g_shift, const T* __restrict__ m,
-                             const T* __restrict__ r, T* __restrict__ grad_a, T* __restrict__ s_acc,
-                             T* __restrict__ i_acc, int64_t n) {
+// (summed over the rows of an example into s_acc and i_acc, in opmath).
+template <typename T, typename acc_t>
+void crown_relu_row_backward(const T* __restrict__ a, const T* __restrict__ g, acc_t g_shift,
+                             const T* __restrict__ m, const T* __restrict__ r, T* __restrict__ grad_a,
+                             acc_t* __restrict__ s_acc, acc_t* __restrict__ i_acc, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const ReluRelaxation<T> rl = relu_relaxation_at(m[i] - r[i], m[i] + r[i]);
-    const T ai = a[i], gi = g[i];
-    const bool negative = ai < T(0);
+    const acc_t mi = acc_t(m[i]), ri = acc_t(r[i]);
+    const ReluRelaxation<acc_t> rl = relu_relaxation_at(mi - ri, mi + ri);
+    const acc_t ai = acc_t(a[i]), gi = acc_t(g[i]);
+    const bool negative = ai < acc_t(0);
     // The lower slope where A > 0; the upper slope and intercept elsewhere (as in the forward).
-    grad_a[i] = ai > T(0) ? gi * rl.lower_slope : gi * rl.upper_slope + g_shift * rl.upper_intercept;
-    s_acc[i] += negative ? ai * gi : T(0);
-    i_acc[i] += negative ? ai * g_shift : T(0);
+    grad_a[i] = static_cast<T>(ai > acc_t(0) ? gi * rl.lower_slope : gi * rl.upper_slope + g_shift * rl.upper_intercept);
+    s_acc[i] += negative ? ai * gi : acc_t(0);
+    i_acc[i] += negative ? ai * g_shift : acc_t(0);
   }
 }
 
 // From the slope and intercept gradients to those of the box (l = mu - rad, u = mu + rad).
-template <typename T>
-void crown_relu_box_grad(const T* __restrict__ m, const T* __restrict__ r, const T* __restrict__ s_acc,
-                         const T* __restrict__ i_acc, T* __restrict__ grad_mu, T* __restrict__ grad_rad, int64_t n) {
+template <typename T, typename acc_t>
+void crown_relu_box_grad(const T* __restrict__ m, const T* __restrict__ r, const acc_t* __restrict__ s_acc,
+                         const acc_t* __restrict__ i_acc, T* __restrict__ grad_mu, T* __restrict__ grad_rad,
+                         int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    T g_l, g_u;
-    relu_relaxation_grad(m[i] - r[i], m[i] + r[i], s_acc[i], i_acc[i], &g_l, &g_u);
-    grad_mu[i] = g_l + g_u;
-    grad_rad[i] = g_u - g_l;
+    const acc_t mi = acc_t(m[i]), ri = acc_t(r[i]);
+    acc_t g_l, g_u;
+    relu_relaxation_grad(mi - ri, mi + ri, s_acc[i], i_acc[i], &g_l, &g_u);
+    grad_mu[i] = static_cast<T>(g_l + g_u);
+    grad_rad[i] = static_cast<T>(g_u - g_l);
   }
 }
 
@@ -351,7 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_step_backward_cpu(
   const at::Tensor A = A_in.contiguous(), mu = mu_in.contiguous(), rad = rad_in.contiguous();
   const int64_t rows = A.size(1), n = A.size(2);
   at::Tensor grad_A = at::empty_like(A), grad_mu = at::empty_like(mu), grad_rad = at::empty_like(mu);
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "pyibp_crown_relu_step_backward_cpu", [&] {
+  PYIBP_DISPATCH(A.scalar_type(), "pyibp_crown_relu_step_backward_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* __restrict__ g = grad_out.data_ptr<scalar_t>();
     const scalar_t* __restrict__ gs = grad_shift.data_ptr<scalar_t>();
     const scalar_t* __restrict__ a = A.data_ptr<scalar_t>();
@@ -362,16 +374,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_step_backward_cpu(
     scalar_t* __restrict__ gr = grad_rad.data_ptr<scalar_t>();
     // One example per task: the slope and intercept gradients sum over its rows.
     at::parallel_for(0, A.size(0), 1, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> g_slope(n), g_intercept(n);
+      std::vector<acc_t> g_slope(n), g_intercept(n);
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* __restrict__ mb = m + b * n;
         const scalar_t* __restrict__ rb = r + b * n;
-        std::fill(g_slope.begin(), g_slope.end(), scalar_t(0));
-        std::fill(g_intercept.begin(), g_intercept.end(), scalar_t(0));
-        scalar_t* __restrict__ s_acc = g_slope.data();
-        scalar_t* __restrict__ i_acc = g_intercept.data();
+        std::fill(g_slope.begin(), g_slope.end(), acc_t(0));
+        std::fill(g_intercept.begin(), g_intercept.end(), acc_t(0));
+        acc_t* __restrict__ s_acc = g_slope.data();
+        acc_t* __restrict__ i_acc = g_intercept.data();
         for (int64_t row = b * rows; row < (b + 1) * rows; ++row) {
-          crown_relu_row_backward(a + row * n, g + row * n, gs[row], mb, rb, ga + row * n, s_acc, i_acc, n);
+          crown_relu_row_backward(a + row * n, g + row * n, acc_t(gs[row]), mb, rb, ga + row * n, s_acc, i_acc, n);
         }
         crown_relu_box_grad(mb, rb, s_acc, i_acc, gm + b * n, gr + b * n, n);
       }

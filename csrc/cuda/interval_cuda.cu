@@ -1,13 +1,17 @@
-// CUDA kernels of the interval operators, the same operators as csrc/cpu/interval_cpu.cpp.
-// Reduced precision (half, bfloat16) is computed in float and stored back.
+// CUDA kernels of the interval operators, the same operators, in the same order, as
+// csrc/cpu/interval_cpu.cpp, over the same per-element formulas (csrc/math/*.h). Reduced precision
+// (half, bfloat16) is computed in float and stored back.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
 #include <torch/library.h>
 
+#include "cuda/pointwise.cuh"
 #include "interval_products.h"
-#include "pointwise.cuh"
-#include "relaxation.h"
+#include "math/box.h"
+#include "math/elision.h"
+#include "math/relaxation.h"
 
 namespace pyibp {
 namespace {
@@ -15,26 +19,27 @@ namespace {
 #define PYIBP_DISPATCH(type, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
 
+// Stores a box computed in opmath into two outputs of the tensor's dtype.
 template <typename T, typename acc_t>
-__device__ __forceinline__ void relu_center_radius(acc_t m, acc_t r, T* mu_out, T* rad_out) {
-  const acc_t l = m - r > acc_t(0) ? m - r : acc_t(0);
-  const acc_t u = m + r > acc_t(0) ? m + r : acc_t(0);
-  *mu_out = static_cast<T>((l + u) * acc_t(0.5));
-  *rad_out = static_cast<T>((u - l) * acc_t(0.5));
+__device__ __forceinline__ void store(const Box<acc_t>& b, T* first, T* second) {
+  *first = static_cast<T>(b.first);
+  *second = static_cast<T>(b.second);
 }
 
-void bias_relu_epilogue(at::Tensor& mu, at::Tensor& rad, const std::optional<at::Tensor>& bias) {
-  const int64_t channels = mu.size(1), inner = inner_size(mu);
-  const bool channels_last = is_channels_last(mu);
+void bias_relu_epilogue(at::Tensor& mu, at::Tensor& rad, const std::optional<at::Tensor>& bias_in) {
+  const int64_t n = mu.numel();
+  const ChannelOf channel = channel_of(inner_size(mu), mu.size(1), is_channels_last(mu), n);
+  // A strided bias (a view such as w[:, 0]) is read through a contiguous copy.
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   PYIBP_DISPATCH(mu.scalar_type(), "pyibp_bias_relu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* m = mu.data_ptr<scalar_t>();
     scalar_t* r = rad.data_ptr<scalar_t>();
-    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    launch_pointwise(mu.numel(), [=] __device__(int64_t i) {
+    const scalar_t* b = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    launch_pointwise(n, [=] __device__(int64_t i) {
       acc_t mi = static_cast<acc_t>(m[i]);
-      if (b != nullptr) mi += static_cast<acc_t>(b[channels_last ? i % channels : (i / inner) % channels]);
-      relu_center_radius<scalar_t, acc_t>(mi, static_cast<acc_t>(r[i]), m + i, r + i);
+      if (b != nullptr) mi += static_cast<acc_t>(b[channel(i)]);
+      store(relu_box_at(mi, static_cast<acc_t>(r[i])), m + i, r + i);
     });
   });
 }
@@ -49,6 +54,7 @@ std::tuple<at::Tensor, at::Tensor> input_box_cuda(const at::Tensor& x_in, const 
   at::Tensor mu = at::empty_like(x), rad = at::empty_like(x);
   const int64_t per = per_example(x);
   const bool shared_eps = eps.numel() == 1;
+  const IndexDivider example = index_divider(per, x.numel());
   PYIBP_DISPATCH(x.scalar_type(), "pyibp_input_box_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -57,12 +63,8 @@ std::tuple<at::Tensor, at::Tensor> input_box_cuda(const at::Tensor& x_in, const 
     scalar_t* r = rad.data_ptr<scalar_t>();
     const acc_t lo = static_cast<acc_t>(lower), hi = static_cast<acc_t>(upper);
     launch_pointwise(x.numel(), [=] __device__(int64_t i) {
-      const acc_t e = static_cast<acc_t>(ep[shared_eps ? 0 : i / per]);
-      const acc_t xi = static_cast<acc_t>(xp[i]);
-      const acc_t l = xi - e > lo ? xi - e : lo;
-      const acc_t u = xi + e < hi ? xi + e : hi;
-      m[i] = static_cast<scalar_t>((l + u) * acc_t(0.5));
-      r[i] = static_cast<scalar_t>((u - l) * acc_t(0.5));
+      const acc_t e = static_cast<acc_t>(ep[shared_eps ? 0 : example.div(i)]);
+      store(input_box_at(static_cast<acc_t>(xp[i]), e, lo, hi), m + i, r + i);
     });
   });
   return {mu, rad};
@@ -103,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_cuda(const at::Tensor& mu_in, c
     scalar_t* mo = mu_out.data_ptr<scalar_t>();
     scalar_t* ro = rad_out.data_ptr<scalar_t>();
     launch_pointwise(mu.numel(), [=] __device__(int64_t i) {
-      relu_center_radius<scalar_t, acc_t>(static_cast<acc_t>(m[i]), static_cast<acc_t>(r[i]), mo + i, ro + i);
+      store(relu_box_at(static_cast<acc_t>(m[i]), static_cast<acc_t>(r[i])), mo + i, ro + i);
     });
   });
   return {mu_out, rad_out};
@@ -128,13 +130,9 @@ std::tuple<at::Tensor, at::Tensor> interval_relu_backward_cuda(const at::Tensor&
     scalar_t* gmo = grad_mu.data_ptr<scalar_t>();
     scalar_t* gro = grad_rad.data_ptr<scalar_t>();
     launch_pointwise(gm.numel(), [=] __device__(int64_t i) {
-      const acc_t mi = static_cast<acc_t>(m[i]), ri = static_cast<acc_t>(r[i]);
-      const acc_t g_m = static_cast<acc_t>(gmp[i]), g_r = static_cast<acc_t>(grp[i]);
-      // relu(l) > 0 exactly when l > 0, so the outputs carry the activation pattern.
-      const acc_t gl = mi - ri > acc_t(0) ? (g_m - g_r) * acc_t(0.5) : acc_t(0);
-      const acc_t gu = mi + ri > acc_t(0) ? (g_m + g_r) * acc_t(0.5) : acc_t(0);
-      gmo[i] = static_cast<scalar_t>(gl + gu);
-      gro[i] = static_cast<scalar_t>(gu - gl);
+      store(relu_box_grad_at(static_cast<acc_t>(gmp[i]), static_cast<acc_t>(grp[i]), static_cast<acc_t>(m[i]),
+                             static_cast<acc_t>(r[i])),
+            gmo + i, gro + i);
     });
   });
   return {grad_mu, grad_rad};
@@ -150,8 +148,7 @@ std::tuple<at::Tensor, at::Tensor> interval_affine_cuda(const at::Tensor& mu_in,
   const at::Tensor scale = scale_in.to(mu.scalar_type()).contiguous();
   const at::Tensor shift = shift_in.to(mu.scalar_type()).contiguous();
   at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
-  const int64_t inner = inner_size(mu);
-  const bool channels_last = is_channels_last(mu);
+  const ChannelOf channel = channel_of(inner_size(mu), channels, is_channels_last(mu), mu.numel());
   PYIBP_DISPATCH(mu.scalar_type(), "pyibp_interval_affine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* m = mu.data_ptr<scalar_t>();
@@ -161,10 +158,10 @@ std::tuple<at::Tensor, at::Tensor> interval_affine_cuda(const at::Tensor& mu_in,
     scalar_t* mo = mu_out.data_ptr<scalar_t>();
     scalar_t* ro = rad_out.data_ptr<scalar_t>();
     launch_pointwise(mu.numel(), [=] __device__(int64_t i) {
-      const int64_t c = channels_last ? i % channels : (i / inner) % channels;
-      const acc_t sc = static_cast<acc_t>(s[c]);
-      mo[i] = static_cast<scalar_t>(static_cast<acc_t>(m[i]) * sc + static_cast<acc_t>(t[c]));
-      ro[i] = static_cast<scalar_t>(static_cast<acc_t>(r[i]) * (sc < acc_t(0) ? -sc : sc));
+      const int64_t c = channel(i);
+      store(affine_box_at(static_cast<acc_t>(m[i]), static_cast<acc_t>(r[i]), static_cast<acc_t>(s[c]),
+                          static_cast<acc_t>(t[c])),
+            mo + i, ro + i);
     });
   });
   return {mu_out, rad_out};
@@ -184,64 +181,59 @@ std::tuple<at::Tensor, at::Tensor> convert_cuda(const at::Tensor& a_in, const at
     scalar_t* fo = first.data_ptr<scalar_t>();
     scalar_t* so = second.data_ptr<scalar_t>();
     launch_pointwise(a.numel(), [=] __device__(int64_t i) {
-      const acc_t x = static_cast<acc_t>(ap[i]), y = static_cast<acc_t>(bp[i]);
-      if (kToInterval) {  // a plain if: nvcc rejects constexpr-if in extended lambdas
-        fo[i] = static_cast<scalar_t>(x - y);
-        so[i] = static_cast<scalar_t>(x + y);
-      } else {
-        fo[i] = static_cast<scalar_t>((x + y) * acc_t(0.5));
-        so[i] = static_cast<scalar_t>((y - x) * acc_t(0.5));
-      }
+      store(convert_at<kToInterval>(static_cast<acc_t>(ap[i]), static_cast<acc_t>(bp[i])), fo + i, so + i);
     });
   });
   return {first, second};
 }
 
-// One block per example, one warp per class j at a time, lanes striding over features.
-template <typename scalar_t, typename acc_t>
+// One block per example, one warp per class j at a time, lane l summing features f = l mod 32 in
+// double, then the shuffle-down tree: the order math/elision.h describes, which the CPU emulates.
+template <typename scalar_t>
 __global__ void margin_elision_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ rad,
                                       const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
                                       const int64_t* __restrict__ labels, scalar_t* __restrict__ out,
                                       int64_t F, int64_t K) {
+  static_assert(kElisionLanes == 32, "one lane of a warp per partial sum");
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int64_t y = labels[b];
+  // Labels are range-checked by the Python API; a device-side assert catches the rest without
+  // synchronising the stream.
+  CUDA_KERNEL_ASSERT(y >= 0 && y < K);
   const scalar_t* wy = weight + y * F;
   const scalar_t* m = mu + b * F;
   const scalar_t* r = rad + b * F;
   for (int64_t j = warp; j < K; j += warps) {
     const scalar_t* wj = weight + j * F;
-    acc_t acc = 0;
+    double acc = 0;
     if (j != y) {
       for (int64_t f = lane; f < F; f += 32) {
-        const acc_t d = static_cast<acc_t>(wy[f]) - static_cast<acc_t>(wj[f]);
-        acc += d * static_cast<acc_t>(m[f]) - (d < acc_t(0) ? -d : d) * static_cast<acc_t>(r[f]);
+        acc += elision_term(static_cast<double>(wy[f]), static_cast<double>(wj[f]), static_cast<double>(m[f]),
+                            static_cast<double>(r[f]));
       }
     }
     for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffff, acc, offset);
     if (lane == 0) {
       out[b * K + j] = j == y ? scalar_t(0)
-                              : static_cast<scalar_t>(acc + static_cast<acc_t>(bias[y]) -
-                                                      static_cast<acc_t>(bias[j]));
+                              : static_cast<scalar_t>(elision_with_bias(acc, static_cast<double>(bias[y]),
+                                                                        static_cast<double>(bias[j])));
     }
   }
 }
 
 at::Tensor margin_elision_cuda(const at::Tensor& mu_in, const at::Tensor& rad_in, const at::Tensor& weight_in,
                                const std::optional<at::Tensor>& bias_in, const at::Tensor& labels_in) {
-  check_margin_elision(mu_in, rad_in, weight_in, labels_in);
+  check_margin_elision(mu_in, rad_in, weight_in, bias_in, labels_in);
   const at::cuda::OptionalCUDAGuard guard(mu_in.device());
   const int64_t B = mu_in.size(0), F = mu_in.size(1), K = weight_in.size(0);
   const at::Tensor mu = mu_in.contiguous(), rad = rad_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
-  // Labels are range-checked by the Python API; checking here would synchronise the stream.
-  const at::Tensor bias = bias_in.has_value() ? bias_in->to(mu.scalar_type()).contiguous()
-                                              : at::zeros({K}, mu.options());
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::zeros({K}, mu.options());
   at::Tensor out = at::empty({B, K}, mu.options());
   if (B == 0 || K == 0) return out;
   PYIBP_DISPATCH(mu.scalar_type(), "pyibp_margin_elision_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    margin_elision_kernel<scalar_t, acc_t><<<B, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    margin_elision_kernel<scalar_t><<<B, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         mu.data_ptr<scalar_t>(), rad.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
         bias.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), F, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -285,10 +277,10 @@ __global__ void crown_relu_step_kernel(const scalar_t* __restrict__ a, const sca
   acc_t sum = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const acc_t mi = static_cast<acc_t>(m[example * n + i]), ri = static_cast<acc_t>(r[example * n + i]);
-    const ReluRelaxation<acc_t> rl = relu_relaxation_at(mi - ri, mi + ri);
-    const acc_t ai = static_cast<acc_t>(a[row * n + i]);
-    out[row * n + i] = static_cast<scalar_t>(ai > acc_t(0) ? ai * rl.lower_slope : ai * rl.upper_slope);
-    sum += ai < acc_t(0) ? ai * rl.upper_intercept : acc_t(0);
+    acc_t term;
+    out[row * n + i] = static_cast<scalar_t>(
+        crown_relu_coefficient(static_cast<acc_t>(a[row * n + i]), relu_relaxation_at(mi - ri, mi + ri), &term));
+    sum += term;
   }
   partial[threadIdx.x] = sum;
   __syncthreads();
@@ -336,10 +328,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_step_backward_cuda(
     scalar_t* ga = grad_A.data_ptr<scalar_t>();
     scalar_t* gm = grad_mu.data_ptr<scalar_t>();
     scalar_t* gr = grad_rad.data_ptr<scalar_t>();
-    // One thread per (example, feature), looping over the rows: neighbouring threads read
-    // neighbouring features of a row, and the sums over rows need no atomics.
+    // One thread per (example, feature), looping over the rows: consecutive threads take
+    // consecutive features, so each row's loads and stores are coalesced, and the sums over rows
+    // need no atomics.
+    const IndexDivider feature = index_divider(n, mu.numel());
     launch_pointwise(mu.numel(), [=] __device__(int64_t k) {
-      const int64_t example = k / n, i = k % n;
+      const int64_t example = feature.div(k), i = k - example * n;
       const acc_t l = static_cast<acc_t>(m[k]) - static_cast<acc_t>(r[k]);
       const acc_t u = static_cast<acc_t>(m[k]) + static_cast<acc_t>(r[k]);
       const ReluRelaxation<acc_t> rl = relu_relaxation_at(l, u);

@@ -1,4 +1,7 @@
-// CUDA kernels of the fused PGD updates, the same operators as csrc/cpu/pgd_cpu.cpp.
+// CUDA kernels of the fused PGD updates, the same operators as csrc/cpu/pgd_cpu.cpp, over the same
+// per-element update (csrc/math/projection.h). Impossible inputs (x outside the domain, eps < 0)
+// leave delta at 0 there: the CPU raises, but a check here would synchronise the stream, and the
+// Python API checks them before any kernel runs.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -6,8 +9,8 @@
 
 #include <limits>
 
+#include "cuda/pointwise.cuh"
 #include "pgd_common.h"
-#include "pointwise.cuh"
 
 namespace pyibp {
 namespace {
@@ -25,7 +28,7 @@ void pgd_linf_step_cuda(at::Tensor& delta, const at::Tensor& grad_in, const at::
   const at::cuda::OptionalCUDAGuard guard(delta.device());
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
   const at::Tensor eps = per_example_values(eps_in, delta), alpha = per_example_values(alpha_in, delta);
-  const int64_t per = per_example(delta);
+  const IndexDivider example = index_divider(per_example(delta), delta.numel());
   const bool shared_eps = eps.numel() == 1, shared_alpha = alpha.numel() == 1;
   in_place(delta, [&](at::Tensor& d) {
     PYIBP_DISPATCH(d.scalar_type(), "pyibp_pgd_linf_step_cuda", [&] {
@@ -37,15 +40,11 @@ void pgd_linf_step_cuda(at::Tensor& delta, const at::Tensor& grad_in, const at::
       const double* ap = alpha.data_ptr<double>();
       const acc_t lo = static_cast<acc_t>(lower), hi = static_cast<acc_t>(upper);
       launch_pointwise(d.numel(), [=] __device__(int64_t i) {
-        const int64_t b = i / per;
+        const int64_t b = example.div(i);
         const acc_t e = static_cast<acc_t>(ep[shared_eps ? 0 : b]);
         const acc_t a = static_cast<acc_t>(ap[shared_alpha ? 0 : b]);
-        const acc_t g = static_cast<acc_t>(gp[i]), xi = static_cast<acc_t>(xp[i]);
-        const acc_t sign = acc_t((g > acc_t(0)) - (g < acc_t(0)));
-        acc_t v = static_cast<acc_t>(dp[i]) + a * sign;
-        v = v > e ? e : (v < -e ? -e : v);
-        v = v > hi - xi ? hi - xi : (v < lo - xi ? lo - xi : v);
-        dp[i] = project_exact<scalar_t, acc_t>(v, xp[i], e, lo, hi);
+        dp[i] = projection_feasible(xp[i], e, lo, hi) ? pgd_linf_at<scalar_t, acc_t>(dp[i], gp[i], xp[i], e, a, lo, hi)
+                                                      : scalar_t(0);
       });
     });
   });
@@ -59,6 +58,7 @@ void pgd_l2_step_cuda(at::Tensor& delta, const at::Tensor& grad_in, const at::Te
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
   const at::Tensor eps = per_example_values(eps_in, delta), alpha = per_example_values(alpha_in, delta);
   const int64_t B = delta.size(0), per = per_example(delta);
+  const IndexDivider example = index_divider(per, delta.numel());
   const bool shared_eps = eps.numel() == 1, shared_alpha = alpha.numel() == 1;
   auto norms = [&](const at::Tensor& t) {
     return at::linalg_vector_norm(t.reshape({B, per}), 2, {1}, false, at::kDouble).contiguous();
@@ -73,7 +73,7 @@ void pgd_l2_step_cuda(at::Tensor& delta, const at::Tensor& grad_in, const at::Te
       const double* ap = alpha.data_ptr<double>();
       const double* gn = grad_norm.data_ptr<double>();
       launch_pointwise(d.numel(), [=] __device__(int64_t i) {
-        const int64_t b = i / per;
+        const int64_t b = example.div(i);
         const double step = gn[b] > 0 ? ap[shared_alpha ? 0 : b] / gn[b] : 0.0;
         dp[i] = static_cast<scalar_t>(static_cast<double>(dp[i]) + step * static_cast<double>(gp[i]));
       });
@@ -82,12 +82,14 @@ void pgd_l2_step_cuda(at::Tensor& delta, const at::Tensor& grad_in, const at::Te
       // Shrink the projection by a few ulps so the rounded result stays inside the ball.
       const double shrink = 1.0 - 4.0 * static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
       launch_pointwise(d.numel(), [=] __device__(int64_t i) {
-        const int64_t b = i / per;
+        const int64_t b = example.div(i);
         const double e = ep[shared_eps ? 0 : b], xi = static_cast<double>(xp[i]);
         const double f = dn[b] > e ? shrink * e / dn[b] : 1.0;
-        double v = static_cast<double>(dp[i]) * f;
-        v = v > upper - xi ? upper - xi : (v < lower - xi ? lower - xi : v);
-        dp[i] = project_exact<scalar_t, double>(v, xp[i], INFINITY, lower, upper);
+        const double v = clamp_keep_nan(static_cast<double>(dp[i]) * f, lower - xi, upper - xi);
+        // Clamping and rounding towards zero only shrink |v|, so the ball holds; this fixes the domain.
+        dp[i] = projection_feasible(xp[i], e, lower, upper)
+                    ? project_exact<scalar_t, double>(v, xp[i], INFINITY, lower, upper)
+                    : scalar_t(0);
       });
     });
   });

@@ -2,8 +2,11 @@
 //   lower_slope * z <= relu(z) <= upper_slope * z + upper_intercept   for z in [l, u].
 // Inactive (u <= 0): all zero. Active (l >= 0, u > 0): the identity. Unstable (l < 0 < u): the
 // chord u / (u - l) * (z - l) above and the adaptive slope 1 if u > -l else 0 below (CROWN-IBP).
+// NaN bounds give a NaN relaxation (never the inactive one): see the NaN policy in math/box.h.
 #pragma once
 #include <c10/macros/Macros.h>
+
+#include <limits>
 
 namespace pyibp {
 
@@ -18,10 +21,13 @@ template <typename T>
 C10_HOST_DEVICE inline ReluRelaxation<T> relu_relaxation_at(T l, T u) {
   const bool positive_u = u > T(0), negative_l = l < T(0);
   const bool unstable = positive_u & negative_l, active = positive_u & !negative_l;
+  const bool nan = (l != l) | (u != u);
   const T chord = u / (unstable ? u - l : T(1));
   const T identity = active ? T(1) : T(0);
-  return {unstable ? (u > -l ? T(1) : T(0)) : identity, unstable ? chord : identity,
-          unstable ? -chord * l : T(0)};
+  const T not_a_number = std::numeric_limits<T>::quiet_NaN();
+  return {nan ? not_a_number : (unstable ? (u > -l ? T(1) : T(0)) : identity),
+          nan ? not_a_number : (unstable ? chord : identity),
+          nan ? not_a_number : (unstable ? -chord * l : T(0))};
 }
 
 // Chain rule through the relaxation: given the gradients g_s, g_b of the upper slope and the upper
@@ -34,6 +40,14 @@ C10_HOST_DEVICE inline void relu_relaxation_grad(T l, T u, T g_s, T g_b, T* g_l,
   const T inv2 = unstable ? T(1) / (width * width) : T(0);
   *g_l = (g_s * u - g_b * u * u) * inv2;
   *g_u = (-g_s * l + g_b * l * l) * inv2;
+}
+
+// One element of a CROWN step back through the ReLU: the coefficient that replaces a, and its
+// term of the row's shift (the upper intercept where a < 0).
+template <typename T>
+C10_HOST_DEVICE inline T crown_relu_coefficient(T a, const ReluRelaxation<T>& r, T* shift_term) {
+  *shift_term = a < T(0) ? a * r.upper_intercept : T(0);
+  return a > T(0) ? a * r.lower_slope : a * r.upper_slope;
 }
 
 }  // namespace pyibp
