@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 # default, for everyone else, is every architecture the installed torch supports.
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_bounds.py
+
+# On a machine with an NVIDIA GPU, with its own Python and torch (no virtual environment): build for
+# that GPU, the whole suite, compute-sanitizer, the TF32 and half/bf16 checks, CUDA benchmarks; one
+# report in $$GPU_CHECK_OUT (else $$OUT, else gpu-check-report/). Without a GPU: says so, exits 1.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info pyibp/_C*.so
