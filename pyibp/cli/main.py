@@ -1,0 +1,80 @@
+"""Wires the subcommands into one parser and runs them: ``main`` is the ``pyibp`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence, Set
+
+from . import bench, certify, eval, landscape, reproduce, train
+from ..distributed import launched_by_torchrun
+from .common import EXIT_USAGE, PROG, CLIError, Formatter, Output, Parser
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+# Each subcommand's module: add_parser(command) and run(args, out, explicit) -> exit code.
+COMMANDS = {"train": train, "eval": eval, "certify": certify, "landscape": landscape, "bench": bench,
+            "reproduce": reproduce}
+DESCRIPTION = "The ``pyibp`` command: train, attack, certify, plot and reproduce, from a shell."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyibp`` argument parser with its subcommands."""
+    from .. import __version__
+    parser = Parser(prog=PROG, formatter_class=Formatter, allow_abbrev=False,
+                    description=DESCRIPTION + "\n\nRun `pyibp COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"pyibp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    def command(name: str, help: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=Formatter,
+                              allow_abbrev=False)
+
+    for module in COMMANDS.values():
+        module.add_parser(command)
+    return parser
+
+
+def _explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Set[str]:
+    """The ``dest`` of every option written out in ``argv`` (to tell them from defaults)."""
+    actions = parser._option_string_actions
+    dests = set()
+    for token in argv:
+        if token.startswith("--"):
+            action = actions.get(token.split("=", 1)[0])
+            if action is not None:
+                dests.add(action.dest)
+    return dests
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``pyibp`` command line; returns the exit code (0 ok, 1 failure, 2 usage/data error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = _explicit_options(_subparser(parser, args.command), argv)
+    out = Output(args.quiet, args.json)
+    prog = f"{PROG} {args.command}"
+    try:
+        if args.command != "train" and launched_by_torchrun():
+            raise CLIError("only `pyibp train` runs under torchrun; run this command as one process")
+        return COMMANDS[args.command].run(args, out, explicit)
+    except CLIError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as err:
+        # DatasetNotFoundError is a FileNotFoundError whose message names the folder; pyibp's
+        # ValueErrors name the bad argument and its value.
+        print(f"{prog}: error: {err}", file=sys.stderr)
+    except ModuleNotFoundError as err:
+        print(f"{prog}: error: {err} (a dependency of this command is missing)", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted" + ("; continue with --resume" if args.command in ("train", "reproduce") else ""),
+              file=sys.stderr)
+        return 130
+    return EXIT_USAGE
