@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Callable, Set
 
-from .common import Output, common_options, format_table, load, merge_json, pct, run_evaluation_options, test_set, torch_device
+from .common import (Output, ResultFile, common_options, format_table, load, pct, run_evaluation_options, test_set,
+                     torch_device)
 
 __all__ = ["add_parser", "run"]
 
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     test = test_set(config, args, device, args.test_subset)
     batches = loader(test, args.batch_size or eval_batch_size(device))
     rows, results = [], {}
+    saved = ResultFile(Path(args.run) / "certify.json")
     for method in dict.fromkeys(args.method):
         start = time.perf_counter()
         r = verify(model, batches, eps, method=method, device=device, quiet=args.quiet,
@@ -46,10 +48,11 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
                  "clean_error": r.clean_error, "verified_error": r.verified_error, "epoch": meta["epoch"],
                  "seconds": seconds}
         results[method] = entry
-        merge_json(Path(args.run) / "certify.json", f"{method} eps={eps}{' float64' if args.float64 else ''}", entry)
+        saved.add(f"{method} eps={eps}{' float64' if args.float64 else ''}", entry)
         rows.append((method, eps, len(r), pct(r.clean_error), pct(r.verified_error), round(seconds, 1)))
     out.show(format_table(("method", "eps", "examples", "clean error", "verified error", "seconds"), rows,
                           title=f"{args.run} (epoch {meta['epoch']}/{config.epochs}, {config.method})"))
     out.result({"run": args.run, "results": results})
+    saved.check()
     return 0
 

@@ -169,23 +169,66 @@ def torch_device(name: str):
     return torch.device(name)
 
 
-def merge_json(path: Path, key: str, entry: Dict[str, Any]) -> None:
-    from ..runs import write_json
-    payload: Dict[str, Any] = {}
-    if path.exists():
+class ResultFile:
+    """A run's eval.json / certify.json, merged after every result: a result is never lost to a
+    write that fails (a read-only run folder, a damaged file). The failure is kept, the command
+    prints its results, then :meth:`check` ends it with one line."""
+
+    def __init__(self, path: Path):
+        self.path, self.failure = path, None
+
+    def add(self, key: str, entry: Dict[str, Any]) -> None:
+        """Merges ``entry`` under ``results[key]``; a failure stops further writes."""
+        if self.failure is not None:
+            return
+        from ..runs import write_json
         try:
-            payload = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            payload = {}
-    payload.setdefault("results", {})[key] = entry
-    write_json(path, payload)
+            payload: Dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+            if not isinstance(payload, dict) or not isinstance(payload.get("results", {}), dict):
+                raise ValueError("not a results file")
+        except (ValueError, UnicodeDecodeError) as err:   # never written over: it holds earlier results
+            self.failure = f"{self.path} is damaged ({err}); move it away to save new results"
+            return
+        except OSError as err:
+            self.failure = f"cannot read {self.path}: {err.strerror or err}"
+            return
+        payload.setdefault("results", {})[key] = entry
+        try:
+            write_json(self.path, payload)
+        except OSError as err:
+            self.failure = f"cannot write {err.filename or self.path}: {err.strerror or err}"
+
+    def check(self) -> None:
+        """Raises CLIError when a result could not be saved (call it after printing the results)."""
+        if self.failure is not None:
+            raise CLIError(f"the result above is not saved: {self.failure}")
 
 
 def test_set(config, args: argparse.Namespace, device, test_subset: Optional[int]):
+    """The run's test set, cut to ``test_subset`` (given) or the run's own subset."""
     from ..data import load_dataset
-    from ..runs import subset
+    from ..runs import checked_subset
     _, test = load_dataset(config.dataset, data_dir=args.data_dir, download=args.download, device=device)
-    return subset(test, test_subset if test_subset is not None else config.test_subset)
+    if test_subset is None:
+        return checked_subset(test, config.test_subset, "test_subset", f"test examples of {config.dataset}")
+    try:
+        return checked_subset(test, test_subset, "--test-subset", f"test examples of {config.dataset}")
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
+def checked(make: Callable[[], Any]) -> Any:
+    """Runs ``make()``, turning a ValueError about a recipe field (``train_subset must be ...``)
+    into a one-line CLI error that names its option (``--train-subset must be ...``)."""
+    import dataclasses
+    from ..runs import TrainConfig
+    try:
+        return make()
+    except ValueError as err:
+        name, _, rest = str(err).partition(" ")
+        if name not in {field.name for field in dataclasses.fields(TrainConfig)}:
+            raise
+        raise CLIError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 def folder_checked(action: Callable[[], Any]) -> Any:

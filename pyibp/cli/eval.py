@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Set
 
-from .common import (CLIError, Output, common_options, count, format_table, load, merge_json, pct, positive,
+from .common import (CLIError, Output, ResultFile, common_options, count, format_table, load, pct, positive,
                      run_evaluation_options, test_set, torch_device)
 
 __all__ = ["add_parser", "run"]
@@ -56,9 +56,11 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     entry = {"attack": args.attack, "eps": eps, **{k: v for k, v in kwargs.items() if k != "generator"},
              "seed": args.seed, "examples": result["examples"], "clean_error": result["error"],
              "adv_error": result["adv_error"], "epoch": meta["epoch"], "seconds": time.perf_counter() - start}
-    merge_json(Path(args.run) / "eval.json", label, entry)
+    saved = ResultFile(Path(args.run) / "eval.json")
+    saved.add(label, entry)
     out.show(format_table(("run", "epoch", "attack", "examples", "clean error", "error under attack", "seconds"),
                           [(args.run, f"{meta['epoch']}/{config.epochs}", label, result["examples"],
                             pct(result["error"]), pct(result["adv_error"]), round(entry["seconds"], 1))]))
     out.result({"run": args.run, "label": label, **entry})
+    saved.check()
     return 0

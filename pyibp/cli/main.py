@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from typing import Optional, Sequence, Set
+import threading
+import warnings
+from typing import Any, Callable, Optional, Sequence, Set
 
 from . import bench, certify, eval, landscape, reproduce, train
 from ..distributed import launched_by_torchrun
+from ..runs import RunFolderError, ScheduleWarning
 from .common import EXIT_USAGE, PROG, CLIError, Formatter, Output, Parser
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -53,19 +57,32 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, ``kill``): stops the command as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the ``pyibp`` command line; returns the exit code (0 ok, 1 failure, 2 usage/data error)."""
+    """Runs the ``pyibp`` command line; returns the exit code (0 ok, 2 a one-line error, 130/143
+    interrupted by SIGINT/SIGTERM; ``bench`` returns 1 when a benchmark failed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = _explicit_options(_subparser(parser, args.command), argv)
     out = Output(args.quiet, args.json)
     prog = f"{PROG} {args.command}"
+    resumable = args.command in ("train", "reproduce")
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
-        if args.command != "train" and launched_by_torchrun():
-            raise CLIError("only `pyibp train` runs under torchrun; run this command as one process")
-        return COMMANDS[args.command].run(args, out, explicit)
-    except CLIError as err:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(prog, warnings.showwarning)
+            if args.command != "train" and launched_by_torchrun():
+                raise CLIError("only `pyibp train` runs under torchrun; run this command as one process")
+            return COMMANDS[args.command].run(args, out, explicit)
+    except (CLIError, RunFolderError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
     except (FileNotFoundError, ValueError) as err:
         # DatasetNotFoundError is a FileNotFoundError whose message names the folder; pyibp's
@@ -73,8 +90,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
     except ModuleNotFoundError as err:
         print(f"{prog}: error: {err} (a dependency of this command is missing)", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted" + ("; continue with --resume" if args.command in ("train", "reproduce") else ""),
-              file=sys.stderr)
-        return 130
+    except OSError as err:   # a read-only folder, a full disk: what could not be written, in one line
+        print(f"{prog}: error: cannot write {err.filename or 'a file'}: {err.strerror or err}", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        how = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+        print(f"{prog}: {how}" + ("; continue with --resume" if resumable else ""), file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return EXIT_USAGE
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _one_line_warnings(prog: str, show: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` printing pyibp's own warnings as one ``prog: warning:`` line."""
+    def shown(message: Warning, category: type, filename: str, lineno: int, file: Any = None,
+              line: Optional[str] = None) -> None:
+        if issubclass(category, ScheduleWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return shown

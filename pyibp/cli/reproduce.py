@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Set
 
-from .common import (CLIError, Output, common_options, count, data_options, folder_checked, format_table, pct,
+from .common import (CLIError, Output, checked, common_options, count, data_options, folder_checked, format_table, pct,
                      positive, torch_device)
 
 __all__ = ["add_parser", "run"]
@@ -125,8 +125,8 @@ def _evaluate_all(model, test, eps: float, restarts: int, seed: int, device, qui
 
 def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     """Runs ``pyibp reproduce``; returns the exit code."""
-    from ..runs import (CHECKPOINT, check_run_folder, load_checkpoint, load_data, load_run, prepare_run_folder,
-                       read_config, train_run, write_json)
+    from ..runs import (CHECKPOINT, check_run_folder, load_checkpoint, load_data, load_run, locked,
+                         prepare_run_folder, read_config, train_run, write_json)
     device = torch_device(args.device)
     root = Path(args.out)
     restarts = args.restarts or (3 if args.quick else 10)
@@ -139,19 +139,21 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
                            "--overwrite")
     started = time.perf_counter()
     # Every run shares the data set and its subsets.
-    data = load_data(next(iter(runs.values()))[2], data_dir=args.data_dir, download=args.download, device=device)
+    data = checked(lambda: load_data(next(iter(runs.values()))[2], data_dir=args.data_dir, download=args.download,
+                                     device=device))
     test = data[1]
     report: Dict[str, Any] = {"dataset": args.dataset, "train_examples": len(data[0]), "test_examples": len(test),
                               "eps": args.eps, "quick": args.quick, "device": str(device), "restarts": restarts,
                               "runs": {}}
     for name, (source, label, config) in runs.items():
-        folder = prepare_run_folder(root / name, config, resume=args.resume, overwrite=args.overwrite)
-        done = (folder / CHECKPOINT).exists() and load_checkpoint(folder / CHECKPOINT)["epoch"] >= config.epochs
-        out.progress(f"[{time.perf_counter() - started:5.0f}s] {name}: {label}, {config.epochs} epochs"
-                     + (" (trained already)" if done else ""))
-        start = time.perf_counter()
-        records = train_run(folder, device=device, data=data, quiet=args.quiet,
-                            log=lambda line: out.progress("  " + line))
+        with locked(root / name) as folder:   # one writer from preparing the folder to the last epoch
+            prepare_run_folder(folder, config, resume=args.resume, overwrite=args.overwrite)
+            done = (folder / CHECKPOINT).exists() and load_checkpoint(folder / CHECKPOINT)["epoch"] >= config.epochs
+            out.progress(f"[{time.perf_counter() - started:5.0f}s] {name}: {label}, {config.epochs} epochs"
+                         + (" (trained already)" if done else ""))
+            start = time.perf_counter()
+            records = train_run(folder, device=device, data=data, quiet=args.quiet,
+                                log=lambda line: out.progress("  " + line))
         train_seconds = time.perf_counter() - start
         _, model, _ = load_run(folder, device)
         out.progress(f"[{time.perf_counter() - started:5.0f}s] {name}: evaluating on {len(test)} test images")
@@ -163,9 +165,9 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
                                 "epochs": records[-1]["epoch"] if records else 0}
     report["seconds"] = time.perf_counter() - started
     report["published"] = PUBLISHED
-    write_json(root / "reproduce.json", report)
-    _print_reproduce(report, args, out)
+    _print_reproduce(report, args, out)   # the tables first: a failing write loses nothing
     out.result(report)
+    write_json(root / "reproduce.json", report)
     return 0
 
 

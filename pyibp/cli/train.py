@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable, Set
+from typing import Callable, Set
 
-from .common import (CLIError, Output, common_options, count, data_options, folder_checked, format_table,
+from .common import (CLIError, Output, checked, common_options, count, data_options, format_table,
                      nonnegative, pct, positive, torch_device, unit)
 
 __all__ = ["add_parser", "run", "RECIPE_FIELDS"]
@@ -58,11 +58,23 @@ def _method_table() -> str:
     return "\n".join(lines)
 
 
+def _model(text: str) -> str:
+    from ..runs.model import check_model
+    try:
+        check_model(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("model must be", "must be", 1)) from None
+    return text
+
+
 def _train_options(parser: argparse.ArgumentParser) -> None:
     from ..runs import METHODS, MODELS
     g = parser.add_argument_group("recipe (left out: the method's default, see below)")
     g.add_argument("--method", choices=METHODS, default="ibp", help="training method")
-    g.add_argument("--model", choices=tuple(MODELS), default="tutorial-cnn", help="architecture")
+    g.add_argument("--model", type=_model, default="tutorial-cnn", metavar="MODEL",
+                   help=f"architecture: one of {', '.join(MODELS)}, or your own as FILE.py:FACTORY or "
+                        "MODULE:FACTORY (a function returning an nn.Module, called with the keywords it takes of "
+                        "in_channels, num_classes, image_size; recorded in config.json)")
     g.add_argument("--eps", type=nonnegative, default=0.1, help="ε of the l∞ threat model (evaluation)")
     g.add_argument("--train-eps", type=nonnegative, help="ε trained at (default: --eps)")
     g.add_argument("--epochs", type=count(1), help="epochs")
@@ -82,7 +94,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--attack-random-start", action=argparse.BooleanOptionalAction, default=None,
                    help="PGD from a random point of the ε-box (default: yes)")
     c = parser.add_argument_group("certified training (ibp, crown-ibp)")
-    c.add_argument("--warmup-steps", type=count(0), help="steps at ε = 0 (default: one epoch)")
+    c.add_argument("--warmup-steps", type=count(0),
+                   help="steps at ε = 0 (default: one epoch, at most 15%% of all steps)")
     c.add_argument("--ramp-steps", type=count(0), help="steps of the ε ramp (default: 35%% of all steps)")
     c.add_argument("--eps-ramp", choices=("smooth", "linear"), help="ramp shape (default: smooth, Shi et al. 2021)")
     c.add_argument("--eps-list", type=nonnegative, nargs="+", metavar="EPS",
@@ -133,67 +146,30 @@ def _config_from_args(args: argparse.Namespace):
     return config
 
 
-def checked(make: Callable[[], Any]) -> Any:
-    """Runs ``make()``, turning a ValueError about a config field into a one-line CLI error."""
-    try:
-        return make()
-    except ValueError as err:
-        name, _, rest = str(err).partition(" ")
-        raise CLIError(f"--{name.replace('_', '-')} {rest}") from None
-
-
-def _train_recipe(folder: Path, config, args: argparse.Namespace, explicit: Set[str]):
-    """``(config, resuming)``: the recipe to train, the saved one when resuming a run (an option
-    that contradicts it is an error). Checks the folder; writes nothing."""
-    from ..runs import CONFIG, check_run_folder, read_config
-    folder_checked(lambda: check_run_folder(folder, resume=args.resume, overwrite=args.overwrite))
-    if not (args.resume and (folder / CONFIG).exists()):
-        return config, False
-    saved = read_config(folder)
-    clashes = [f"--{n.replace('_', '-')} ({getattr(config, n)!r} here, {getattr(saved, n)!r} saved)"
-               for n in RECIPE_FIELDS if n in explicit and getattr(config, n) != getattr(saved, n)]
-    if clashes:
-        raise CLIError(f"{folder} was started with another recipe: {', '.join(clashes)}; a resumed run keeps "
-                       "its config.json (drop these options, or start over with --overwrite)")
-    return saved, True
-
-
 def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     """Runs ``pyibp train``; returns the exit code."""
     from ..distributed import init_distributed, shutdown
+    from ..runs import RecipeMismatch, train
     device = torch_device(args.device)
     config = _config_from_args(args)
+    folder = Path(args.out)
     # Under torchrun: join the process group (each rank on its own GPU, or the CPU); rank 0
     # prints and touches the run folder. One process: a context of 1, nothing else changes.
     ctx = init_distributed(device.type)
+    out = out if ctx.is_main else Output(True, False, muted=True)
     try:
-        return _train(args, out if ctx.is_main else Output(True, False, muted=True), explicit, config,
-                      ctx.device if ctx.enabled else device, ctx)
+        config, records = checked(lambda: train(
+            folder, config, resume=args.resume, overwrite=args.overwrite,
+            keep=[name for name in RECIPE_FIELDS if name in explicit], device=device, data_dir=args.data_dir,
+            download=args.download, quiet=args.quiet, log=out.progress, amp=args.amp, compile=args.compile,
+            ctx=ctx))
+    except RecipeMismatch as err:
+        clashes = ", ".join(f"--{name.replace('_', '-')} ({asked!r} here, {saved!r} saved)"
+                            for name, asked, saved in err.clashes)
+        raise CLIError(f"{folder} was started with another recipe: {clashes}; a resumed run keeps its config.json "
+                       "(drop these options, or start over with --overwrite)") from None
     finally:
         shutdown(ctx)
-
-
-def _train(args: argparse.Namespace, out: Output, explicit: Set[str], config, device, ctx) -> int:
-    from ..distributed import ShardedLoader, on_main
-    from ..runs import load_data, prepare_run_folder, train_run
-    folder = Path(args.out)
-    config, resuming = on_main(lambda: _train_recipe(folder, config, args, explicit), ctx)
-    # The data first: a missing data set, or a last batch with no example for some rank, must fail
-    # before anything is written.
-    data = load_data(config, data_dir=args.data_dir, download=args.download, device=device)
-    ShardedLoader(data[0], config.batch_size, ctx=ctx)
-    on_main(lambda: folder_checked(lambda: prepare_run_folder(folder, config, resume=args.resume,
-                                                               overwrite=args.overwrite)), ctx)
-    where = f"{device}" + (f", {ctx.world_size} processes" if ctx.enabled else "")
-    where += "".join(f", {flag}" for flag, on in (("bf16 autocast", args.amp == "bf16"),
-                                                  ("torch.compile", args.compile)) if on)
-    if resuming:
-        out.progress(f"resuming {folder} ({config.method}, {config.epochs} epochs) on {where}")
-    else:
-        out.progress(f"training {config.method} ({config.model} on {config.dataset}, ε = {config.eps}) "
-                     f"into {folder} on {where}")
-    records = train_run(folder, device=device, data=data, quiet=args.quiet, log=out.progress, amp=args.amp,
-                        compile=args.compile, ctx=ctx)
     last = records[-1] if records else {}
     total = sum(r["seconds"] + r["eval_seconds"] for r in records)
     rows = [("epochs", f"{last.get('epoch', 0)}/{config.epochs}"), ("steps", last.get("step")),
@@ -206,4 +182,3 @@ def _train(args: argparse.Namespace, out: Output, explicit: Set[str], config, de
     out.show(f"files: {folder}/config.json, metrics.jsonl, checkpoint.pt, curves.png")
     out.result({"run": str(folder), "config": config.to_json(), "final": last})
     return 0
-

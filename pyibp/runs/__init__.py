@@ -37,38 +37,42 @@ The package, one concern per module (each calls only the ones listed before it):
 * :mod:`~pyibp.runs.schedules`  optimiser, learning rate, ε, κ and β as functions of the step;
 * :mod:`~pyibp.runs.seeds`      per-epoch seeds and the global generators' states;
 * :mod:`~pyibp.runs.files`      file names, atomic writes, checkpoint, metrics, config I/O;
-* :mod:`~pyibp.runs.folder`     the run-folder policy (new, resume, overwrite);
+* :mod:`~pyibp.runs.folder`     the run-folder policy (one writer, new, resume, overwrite);
 * :mod:`~pyibp.runs.plots`      curves.png;
 * :mod:`~pyibp.runs.data`       the run's data subsets;
 * :mod:`~pyibp.runs.loop`       one epoch: training, then the per-epoch test;
-* :mod:`~pyibp.runs.run`        :func:`train_run` and :func:`load_run`.
+* :mod:`~pyibp.runs.run`        :func:`train` (check, prepare, train), :func:`train_run`, :func:`load_run`.
 
 Example:
     >>> config = TrainConfig.for_method("ibp", eps=0.1, epochs=20)
     >>> folder = prepare_run_folder("runs/ibp", config, resume=False, overwrite=False)
     >>> records = train_run(folder, device="cpu")
     >>> records[-1]["test_verified_error"]
+    >>> config, records = train("runs/ibp", config, resume=True)   # all of it in one call, as pyibp train
 
     The same under ``torchrun --nproc_per_node 2 train.py`` (a script holding the lines above,
     with ``prepare_run_folder`` run by rank 0 only, e.g. through :func:`pyibp.distributed.on_main`)
     trains with 2 processes; ``pyibp train`` does all of this.
 """
-from .data import load_data, subset
+from .data import checked_subset, load_data, subset
 from .files import (CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, CURVES, METRICS, RUN_FILES, RunFolderError, append_metrics,
                     atomic_write, load_checkpoint, read_config, read_metrics, save_checkpoint, truncate_metrics,
                     write_json)
-from .folder import check_run_folder, prepare_run_folder
+from .folder import LOCK, RecipeMismatch, check_run_folder, locked, prepare_run_folder, recipe_to_train
 from .loop import eval_batch_size, evaluate_epoch, train_one_epoch
-from .model import build_model, initialise_for_ibp
+from .model import build_model, initialise_for_ibp, load_factory, model_spec
 from .plots import plot_curves
 from .recipe import CERTIFIED, METHOD_DEFAULTS, METHODS, TrainConfig
-from .run import AMP, format_record, load_run, train_run
-from .schedules import eps_schedules, lr_factor, make_optimizer, make_scheduler
+from .run import AMP, format_record, load_run, train, train_run
+from .schedules import (ScheduleWarning, eps_schedules, eps_shortfall, lr_factor, make_optimizer, make_scheduler,
+                        warmup_and_ramp)
 from .seeds import derive_seed, rng_state, seed_everything, set_rng_state
 from ..models import MODELS
 
 __all__ = ["TrainConfig", "METHOD_DEFAULTS", "METHODS", "CERTIFIED", "MODELS", "RUN_FILES", "RunFolderError",
-           "check_run_folder", "prepare_run_folder", "train_run", "load_run", "load_data", "read_config",
+           "RecipeMismatch", "ScheduleWarning", "LOCK", "locked", "check_run_folder", "prepare_run_folder",
+           "recipe_to_train", "train", "train_run", "load_run", "load_factory", "model_spec", "warmup_and_ramp",
+           "eps_shortfall", "checked_subset", "load_data", "read_config",
            "read_metrics", "append_metrics", "truncate_metrics", "save_checkpoint", "load_checkpoint",
            "atomic_write", "write_json", "rng_state", "set_rng_state", "derive_seed", "plot_curves", "subset",
            "eval_batch_size", "build_model", "initialise_for_ibp", "eps_schedules", "lr_factor", "AMP"]

@@ -10,7 +10,7 @@ from ..data import load_dataset
 from .files import Device, PathLike
 from .recipe import TrainConfig
 
-__all__ = ["subset", "load_data"]
+__all__ = ["subset", "load_data", "checked_subset"]
 
 
 def subset(dataset: TensorDataset, n: Optional[int], seed: int = 0) -> TensorDataset:
@@ -27,7 +27,20 @@ def subset(dataset: TensorDataset, n: Optional[int], seed: int = 0) -> TensorDat
 
 def load_data(config: TrainConfig, *, data_dir: Optional[PathLike] = None, download: bool = False,
               device: Optional[Device] = None) -> Tuple[TensorDataset, TensorDataset]:
-    """The run's (train, test) sets, cut to ``train_subset`` / ``test_subset``, on ``device``."""
+    """The run's (train, test) sets, cut to ``train_subset`` / ``test_subset``, on ``device``.
+
+    A subset larger than its set is a ValueError naming both sizes: the recipe would otherwise
+    record a size the run never had.
+    """
     train, test = load_dataset(config.dataset, data_dir=data_dir, download=download, device=device)
-    return subset(train, config.train_subset), subset(test, config.test_subset)
+    return (checked_subset(train, config.train_subset, "train_subset", f"training examples of {config.dataset}"),
+            checked_subset(test, config.test_subset, "test_subset", f"test examples of {config.dataset}"))
+
+
+def checked_subset(dataset: TensorDataset, n: Optional[int], name: str, what: str) -> TensorDataset:
+    """:func:`subset`, refusing an ``n`` larger than ``dataset`` (``name`` and ``what`` word the
+    ValueError, e.g. ``"test_subset"``, ``"test examples of mnist-5k"``)."""
+    if n is not None and n > len(dataset):
+        raise ValueError(f"{name} must be at most {len(dataset)} (the {what}), got {n}")
+    return subset(dataset, n)
 

@@ -80,12 +80,33 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: PathLike, map_location: Optional[Device] = None) -> Dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint` (tensors and plain values only)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint written by :func:`save_checkpoint` (tensors and plain values only).
+
+    Raises :class:`RunFolderError` naming the file when it cannot be read (truncated, overwritten,
+    not a checkpoint), instead of the unpickler's traceback.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ... on damage
+        raise RunFolderError(f"{path} is damaged and cannot be read ({_first_line(err)}); "
+                             f"{_restore_hint(path)}") from None
+    if not isinstance(state, dict):
+        raise RunFolderError(f"{path} is not a pyibp checkpoint; {_restore_hint(path)}")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise RunFolderError(f"{path} has checkpoint format {state.get('format')!r}, this pyibp reads "
                              f"{CHECKPOINT_FORMAT}")
     return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _restore_hint(path: Path) -> str:
+    return (f"restore it from a copy, or train the run again with: pyibp train --out {path.parent} "
+            "--overwrite")
 
 
 def append_metrics(path: PathLike, record: Dict[str, Any]) -> None:
@@ -97,30 +118,63 @@ def append_metrics(path: PathLike, record: Dict[str, Any]) -> None:
 
 
 def read_metrics(path: PathLike) -> List[Dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a torn last line (a kill mid-write) is skipped."""
-    if not Path(path).exists():
+    """The records of ``metrics.jsonl``; a torn last line (a kill mid-write) is skipped.
+
+    A line that cannot be read with more lines after it is damage, not a kill: raises
+    :class:`RunFolderError` naming the file and the line rather than dropping the records after it.
+    """
+    path = Path(path)
+    if not path.exists():
         return []
+    lines = path.read_text(errors="replace").splitlines()
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
                 break
+            raise RunFolderError(f"{path} is damaged at line {number} of {len(lines)}; restore it from a copy "
+                                 "(pyibp appends one line per epoch and never rewrites the others)") from None
+        records.append(record)
     return records
 
 
 def truncate_metrics(path: PathLike, epochs: int) -> List[Dict[str, Any]]:
-    """Keeps the records of the first ``epochs`` epochs (those the checkpoint covers), atomically."""
+    """Keeps the records of the first ``epochs`` epochs (those the checkpoint covers), atomically.
+
+    Records of later epochs are those of a run killed between its two writes (the metrics line,
+    then the checkpoint): they are dropped, and the resumed run computes them again. A record that
+    the checkpoint covers but the file lacks (a torn or lost line) cannot be computed again: raises
+    :class:`RunFolderError` and leaves the file as it is.
+    """
+    path = Path(path)
     records = [r for r in read_metrics(path) if r.get("epoch", 0) <= epochs]
+    missing = sorted(set(range(1, epochs + 1)) - {r.get("epoch") for r in records})
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise RunFolderError(f"{path} lacks the record of epoch {shown}, which {CHECKPOINT} has trained already "
+                             f"(a torn or lost line): resuming would lose it; restore {path.name} from a copy, or "
+                             f"start the run over with: pyibp train --out {path.parent} --overwrite")
     atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records)), binary=False)
     return records
 
 
 def read_config(folder: PathLike) -> TrainConfig:
+    """The recipe in ``folder/config.json``; :class:`RunFolderError` naming the file when there is
+    none or it cannot be read."""
     path = Path(folder) / CONFIG
     if not path.exists():
         raise RunFolderError(f"{folder} holds no run (no {CONFIG}); train one with: pyibp train --out {folder}")
-    with open(path) as f:
-        return TrainConfig.from_json(json.load(f))
-
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunFolderError(f"{path} is damaged and cannot be read (not JSON: {err}); "
+                             f"{_restore_hint(path)}") from None
+    if not isinstance(values, dict):
+        raise RunFolderError(f"{path} holds no recipe (a JSON {type(values).__name__}, not an object); "
+                             f"{_restore_hint(path)}")
+    try:
+        return TrainConfig.from_json(values)
+    except (TypeError, ValueError) as err:
+        raise RunFolderError(f"{path}: {err}") from None

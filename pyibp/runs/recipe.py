@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from .model import check_model
+from .model import check_model, model_spec
 
 __all__ = ["TrainConfig", "METHOD_DEFAULTS", "METHODS", "CERTIFIED"]
 
@@ -70,6 +70,8 @@ class TrainConfig:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         values = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
+        if "model" in values:
+            values["model"] = model_spec(values["model"])   # a factory file by its absolute path
         return TrainConfig(method=method, **values).validated()
 
     def validated(self) -> "TrainConfig":

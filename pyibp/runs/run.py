@@ -2,9 +2,11 @@
 from its checkpoint), :func:`load_run` reads a trained one back."""
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -17,14 +19,15 @@ from ..distributed import (AutocastForward, DistContext, ShardedLoader, barrier,
 from .data import load_data
 from .files import (CHECKPOINT, CHECKPOINT_FORMAT, CURVES, METRICS, Device, PathLike, RunFolderError, append_metrics,
                     load_checkpoint, read_config, save_checkpoint, truncate_metrics)
+from .folder import locked, prepare_run_folder, recipe_to_train
 from .loop import evaluate_epoch, train_one_epoch
 from .model import build_model, initialise_for_ibp
 from .plots import plot_curves
 from .recipe import CERTIFIED, TrainConfig
-from .schedules import eps_schedules, make_optimizer, make_scheduler
+from .schedules import ScheduleWarning, eps_schedules, eps_shortfall, make_optimizer, make_scheduler
 from .seeds import derive_seed, rng_state, seed_everything, set_rng_state
 
-__all__ = ["train_run", "load_run", "format_record", "AMP"]
+__all__ = ["train", "train_run", "load_run", "format_record", "AMP"]
 
 AMP = ("none", "bf16")   # train_run's mixed-precision modes
 
@@ -37,11 +40,60 @@ def _check_amp(amp: str, device: torch.device) -> None:
                          "has none: use amp='none'")
 
 
+def train(folder: PathLike, config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          keep: Iterable[str] = (), device: Device = "cpu", data_dir: Optional[PathLike] = None,
+          download: bool = False, quiet: bool = False, log: Optional[Callable[[str], None]] = None,
+          amp: str = "none", compile: bool = False,
+          ctx: Optional[DistContext] = None) -> Tuple[TrainConfig, List[Dict[str, Any]]]:
+    """A run from its recipe to its last epoch, as ``pyibp train`` does it: checks the folder and
+    the recipe (resuming: the saved one, :class:`~pyibp.runs.folder.RecipeMismatch` when a field
+    named in ``keep`` differs), loads the data and builds the model — everything that can fail
+    fails before a file is written —, then holds the folder's lock while it prepares the folder
+    (:func:`prepare_run_folder`) and trains it (:func:`train_run`). Rank 0 alone touches the folder.
+
+    Returns:
+        ``(the recipe trained, all records of metrics.jsonl)``.
+
+    Example:
+        >>> config, records = train("runs/ibp", TrainConfig.for_method("ibp", epochs=2), resume=True)
+    """
+    folder = Path(folder)
+    own_group = ctx is None
+    if ctx is None:
+        ctx = init_distributed(torch.device(device).type)
+    device = ctx.device if ctx.enabled else torch.device(device)
+    try:
+        _check_amp(amp, device)
+        config, resuming = on_main(lambda: recipe_to_train(folder, config, resume=resume, overwrite=overwrite,
+                                                           keep=keep), ctx)
+        data = load_data(config, data_dir=data_dir, download=download, device=device)
+        ShardedLoader(data[0], config.batch_size, ctx=ctx)   # a last batch with no example for some rank
+        build_model(config, data[0].tensors[0][0])           # a factory that fails
+        with contextlib.ExitStack() as held:
+            # Rank 0 takes the lock (every rank stops when it cannot) and holds it to the end.
+            on_main(lambda: held.enter_context(locked(folder)), ctx)
+            on_main(lambda: prepare_run_folder(folder, config, resume=resume, overwrite=overwrite), ctx)
+            if log is not None and ctx.is_main:
+                where = f"{device}" + (f", {ctx.world_size} processes" if ctx.enabled else "")
+                where += "".join(f", {flag}" for flag, on in (("bf16 autocast", amp == "bf16"),
+                                                              ("torch.compile", compile)) if on)
+                log(f"resuming {folder} ({config.method}, {config.epochs} epochs) on {where}" if resuming else
+                    f"training {config.method} ({config.model} on {config.dataset}, ε = {config.eps}) "
+                    f"into {folder} on {where}")
+            records = _train_run(folder, device, ctx, data_dir=data_dir, download=download, data=data,
+                                 quiet=quiet, log=log, amp=amp, compile=compile)
+        return config, records
+    finally:
+        if own_group:
+            shutdown(ctx)
+
+
 def train_run(folder: PathLike, *, device: Device = "cpu", data_dir: Optional[PathLike] = None,
               download: bool = False, data: Optional[Tuple[TensorDataset, TensorDataset]] = None,
               quiet: bool = False, log: Optional[Callable[[str], None]] = None, amp: str = "none",
               compile: bool = False, ctx: Optional[DistContext] = None) -> List[Dict[str, Any]]:
-    """Trains the run in ``folder`` (prepared by :func:`prepare_run_folder`) to its last epoch.
+    """Trains the run in ``folder`` (prepared by :func:`prepare_run_folder`) to its last epoch,
+    holding the folder's lock (:func:`~pyibp.runs.folder.locked`) on rank 0.
 
     Starts from ``checkpoint.pt`` when there is one (resuming), otherwise from scratch. After every
     epoch: one line appended to ``metrics.jsonl``, ``checkpoint.pt`` replaced atomically,
@@ -79,6 +131,15 @@ def _train_run(folder: Path, device: torch.device, ctx: DistContext, *, data_dir
                data: Optional[Tuple[TensorDataset, TensorDataset]], quiet: bool,
                log: Optional[Callable[[str], None]], amp: str, compile: bool) -> List[Dict[str, Any]]:
     _check_amp(amp, device)
+    with contextlib.ExitStack() as held:
+        on_main(lambda: held.enter_context(locked(folder)), ctx)
+        return _train_locked(folder, device, ctx, data_dir=data_dir, download=download, data=data, quiet=quiet,
+                             log=log, amp=amp, compile=compile)
+
+
+def _train_locked(folder: Path, device: torch.device, ctx: DistContext, *, data_dir: Optional[PathLike],
+                  download: bool, data: Optional[Tuple[TensorDataset, TensorDataset]], quiet: bool,
+                  log: Optional[Callable[[str], None]], amp: str, compile: bool) -> List[Dict[str, Any]]:
     # Rank 0 alone reads the folder: the recipe, the checkpoint (on the CPU, whatever device it
     # was saved from) and the records it covers; the other ranks receive them.
     config, state, records = on_main(lambda: _read_run_state(folder), ctx)
@@ -94,10 +155,13 @@ def _train_run(folder: Path, device: torch.device, ctx: DistContext, *, data_dir
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, config.epochs * steps_per_epoch)
     schedules = eps_schedules(config, steps_per_epoch)
+    shortfall = eps_shortfall(config, steps_per_epoch) if config.method in CERTIFIED else None
+    if shortfall is not None and ctx.is_main:
+        warnings.warn(f"{folder}: {shortfall}", ScheduleWarning, stacklevel=3)
 
     epoch, step = 0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        _load_weights(model, state, folder / CHECKPOINT, config)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -154,6 +218,15 @@ def _read_run_state(folder: Path) -> Tuple[TrainConfig, Optional[Dict[str, Any]]
     return config, state, records
 
 
+def _load_weights(model: nn.Module, state: Dict[str, Any], path: Path, config: TrainConfig) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:   # a factory's code changed since the run was trained
+        first = str(err).strip().splitlines()[0]
+        raise RunFolderError(f"{path} does not fit the model {config.model!r} builds now ({first}); was its code "
+                             "changed after the run was trained?") from None
+
+
 def _percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -185,5 +258,5 @@ def load_run(folder: PathLike, device: Device = "cpu") -> Tuple[TrainConfig, nn.
                              f"pyibp train --out {folder} --resume)")
     state = load_checkpoint(path, map_location=device)
     model = build_model(config, torch.zeros(state["input_shape"])).to(device)
-    model.load_state_dict(state["model"])
+    _load_weights(model, state, path, config)
     return config, model.eval(), {"epoch": state["epoch"], "step": state["step"], "pyibp": state.get("pyibp")}

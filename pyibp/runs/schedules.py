@@ -2,7 +2,7 @@
 count), so that a resumed run continues them exactly: learning rate, ε, κ and β."""
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -11,7 +11,17 @@ from ..schedules import LinearRamp, Schedule, SmoothRamp, StepList
 from ..train import cyclic_lr
 from .recipe import TrainConfig
 
-__all__ = ["make_optimizer", "make_scheduler", "lr_factor", "eps_schedules"]
+__all__ = ["make_optimizer", "make_scheduler", "lr_factor", "eps_schedules", "warmup_and_ramp", "eps_shortfall",
+           "ScheduleWarning"]
+
+# The default warm-up (one epoch) takes at most this share of a short run, so that ε still reaches
+# its target in a run of one or a few epochs.
+MAX_DEFAULT_WARMUP = 0.15
+DEFAULT_RAMP = 0.35
+
+
+class ScheduleWarning(UserWarning):
+    """A recipe whose ε never reaches the value it is trained for."""
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -47,13 +57,11 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
 def eps_schedules(config: TrainConfig, steps_per_epoch: int) -> Tuple[Schedule, Schedule, Schedule]:
     """``(ε, κ, β)`` of certified training as functions of the global step.
 
-    ε is 0 for ``warmup_steps`` (default one epoch), then ramps to ``target_eps`` over
-    ``ramp_steps`` (default 35 % of all steps); κ and β ramp linearly over the same steps.
-    With ``eps_list`` ε is one value per epoch instead, as in the tutorial.
+    ε is 0 for ``warmup_steps``, then ramps to ``target_eps`` over ``ramp_steps`` (defaults:
+    :func:`warmup_and_ramp`); κ and β ramp linearly over the same steps. With ``eps_list`` ε is
+    one value per epoch instead, as in the tutorial.
     """
-    total = config.epochs * steps_per_epoch
-    warmup = steps_per_epoch if config.warmup_steps is None else config.warmup_steps
-    ramp = round(0.35 * total) if config.ramp_steps is None else config.ramp_steps
+    warmup, ramp = warmup_and_ramp(config, steps_per_epoch)
     if config.eps_list is not None:
         eps: Schedule = StepList(config.eps_list, steps_per_epoch)
     elif config.eps_ramp == "smooth":
@@ -64,3 +72,42 @@ def eps_schedules(config: TrainConfig, steps_per_epoch: int) -> Tuple[Schedule, 
     beta = LinearRamp(config.beta_start, config.beta_end, warmup, ramp)
     return eps, kappa, beta
 
+
+
+def warmup_and_ramp(config: TrainConfig, steps_per_epoch: int) -> Tuple[int, int]:
+    """``(warm-up steps, ramp steps)`` of a run: the recipe's, or by default one epoch of warm-up
+    (at most 15 % of all steps) and a ramp over 35 % of all steps.
+
+    Example:
+        >>> warmup_and_ramp(TrainConfig.for_method("ibp", epochs=30), steps_per_epoch=40)
+        (40, 420)
+        >>> warmup_and_ramp(TrainConfig.for_method("ibp", epochs=1), steps_per_epoch=40)
+        (6, 14)
+    """
+    total = config.epochs * steps_per_epoch
+    warmup = (min(steps_per_epoch, round(MAX_DEFAULT_WARMUP * total)) if config.warmup_steps is None
+              else config.warmup_steps)
+    ramp = round(DEFAULT_RAMP * total) if config.ramp_steps is None else config.ramp_steps
+    return warmup, ramp
+
+
+def eps_shortfall(config: TrainConfig, steps_per_epoch: int) -> Optional[str]:
+    """Why ε stays below ``target_eps`` at the run's last step, or None when it gets there.
+
+    Certified training only; a run that is stopped at the end of its warm-up or ramp trains a
+    network for a smaller ε than the one it is evaluated at, which must not go unnoticed.
+    """
+    total = config.epochs * steps_per_epoch
+    target = config.target_eps
+    reached = eps_schedules(config, steps_per_epoch)[0](total - 1)
+    if target == 0 or reached >= target * (1 - 1e-6):
+        return None
+    if config.eps_list is not None:
+        why = f"eps_list gives {reached:g} to epoch {config.epochs}"
+        fix = "longer eps_list values or more epochs"
+    else:
+        warmup, ramp = warmup_and_ramp(config, steps_per_epoch)
+        why = f"{warmup} warm-up steps + {ramp} ramp steps > the run's {total} steps"
+        fix = "more epochs, or fewer warmup_steps / ramp_steps"
+    return (f"ε never reaches its target {target:g}: it is {reached:.4g} at the last step ({why}); "
+            f"the network is trained for a smaller ε than it is evaluated at (give {fix})")
