@@ -8,8 +8,9 @@
     pyibp reproduce --quick                                     # the tutorial's chapter 4, end to end
 
 Every command takes ``--device``, ``--seed``, ``--quiet`` and ``--json`` (the result as JSON on
-stdout, nothing else there). Bad arguments and missing data sets end with a one-line message and
-exit code 2.
+stdout, nothing else there). Bad arguments, missing data sets, run folders in the way or in use,
+damaged run files and folders that cannot be written end with a one-line message and exit code
+2; SIGINT and SIGTERM stop a command with 130 / 143 (``train`` continues with ``--resume``).
 
 ``pyibp train`` also runs unchanged under torchrun, on one node or several (rank 0 prints and
 writes the run folder; see :mod:`pyibp.runs`)::

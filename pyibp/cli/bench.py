@@ -29,8 +29,8 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
                    help="run only these benchmarks (default: bounds, attacks, certified)")
     p.add_argument("--bench-args", default="", help='extra arguments for every script, e.g. "--repeats 5"')
     p.add_argument("--benchmarks-dir", default=str(REPO_BENCHMARKS), help="the folder holding bench_*.py")
-    p.add_argument("--results-dir",
-                   help="write the scripts' JSON here (default: each script's own, benchmarks/results)")
+    p.add_argument("--results-dir", default="bench-results",
+                   help="folder for the scripts' JSON and the chart (default: bench-results in the current folder)")
     p.add_argument("--out", help="the bar chart (default: RESULTS_DIR/bench.png)")
     common_options(p, seed_help="unused; accepted for uniformity (--device is passed on when given)")
 
@@ -74,23 +74,26 @@ def plot_bench(payloads: List[Tuple[str, Dict[str, Any]]], path: Path) -> int:
             panels.append((f"{name}: {key}", bars))
     if not panels:
         return 0
-    cols = min(4, len(panels))
+    # Two panels a row, each tall enough for its bars; tight_layout keeps the labels in the frame.
+    cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
-    height = max(len(b) for _, b in panels) * 0.25 + 1.2
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, height * rows), squeeze=False)
+    panel_height = max(2.4, 0.32 * max(len(b) for _, b in panels) + 1.2)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, panel_height * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (title, bars) in zip(axes.flat, panels):
         labels, values = zip(*bars)
-        ax.barh(range(len(values)), values, color="tab:blue")
-        ax.set_yticks(range(len(values)), labels, fontsize="x-small")
+        ax.barh(range(len(values)), values, color="tab:blue", height=0.6)
+        ax.set_yticks(range(len(values)), labels, fontsize="small")
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", linewidth=0.8)   # ratio 1: as fast as the reference
-        ax.set_title(title, fontsize="small")
+        ax.set_xlim(0, 1.2 * max(max(values), 1.0))       # room for the value printed after each bar
+        ax.set_xlabel("ratio")
+        ax.set_title(title, fontsize="medium")
         for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.2f}", va="center", fontsize="x-small")
+            ax.text(v, i, f" {v:.2f}", va="center", fontsize="small")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return len(panels)
 
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     missing = [n for n in names if not (folder / f"bench_{n}.py").exists()]
     if missing:
         raise CLIError(f"--only {' '.join(missing)}: no bench_{missing[0]}.py in {folder}")
-    results_dir = Path(args.results_dir) if args.results_dir else folder / "results"
+    results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     extra = shlex.split(args.bench_args)
     payloads, failed = [], []
@@ -114,14 +117,14 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
         cmd = [sys.executable, str(folder / f"bench_{name}.py"), *extra]
         if "device" in explicit:
             cmd += ["--device", args.device]
-        if args.results_dir:
-            cmd += ["--out", str(json_path)]
+        cmd += ["--out", str(json_path)]
         out.progress(f"$ {' '.join(shlex.quote(c) for c in cmd)}")
-        before = json_path.stat().st_mtime if json_path.exists() else None
+        before = json_path.stat().st_mtime_ns if json_path.exists() else None
         # The scripts' tables go to our stdout, or to stderr when stdout carries --json.
         code = subprocess.run(cmd, stdout=sys.stderr if args.json else None).returncode
-        if code != 0 or not json_path.exists() or json_path.stat().st_mtime == before:
-            failed.append(f"bench_{name}.py (exit code {code}, {json_path} {'not ' if code == 0 else ''}written)")
+        written = json_path.exists() and json_path.stat().st_mtime_ns != before
+        if code != 0 or not written:
+            failed.append(f"bench_{name}.py (exit code {code}, {json_path} {'written' if written else 'not written'})")
             continue
         payloads.append((name, json.loads(json_path.read_text())))
     chart = Path(args.out) if args.out else results_dir / "bench.png"

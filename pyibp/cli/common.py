@@ -108,7 +108,6 @@ def data_options(parser: argparse.ArgumentParser, *, with_dataset: bool) -> None
     group.add_argument("--download", action="store_true", help="let torchvision download missing data sets")
 
 
-
 def run_evaluation_options(parser: argparse.ArgumentParser, verb: str) -> None:
     """What eval and certify share: the run folder, ε, the test examples and the data options."""
     parser.add_argument("run", metavar="RUN_DIR", help="a run folder written by pyibp train")
@@ -116,7 +115,6 @@ def run_evaluation_options(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--test-subset", type=count(1), help=f"{verb} this many test examples (default: the run's)")
     parser.add_argument("--batch-size", type=count(1), help="examples per batch (default: 100 on cpu, 500 on cuda)")
     data_options(parser, with_dataset=False)
-
 
 
 class Output:

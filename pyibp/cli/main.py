@@ -56,7 +56,6 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return sub.choices[name]
 
 
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler stopping the job, ``kill``): stops the command as Ctrl-C does."""
 

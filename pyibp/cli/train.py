@@ -52,9 +52,10 @@ def _method_table() -> str:
             shown.update({"kappa-end": c.kappa_end, "reg-weight": c.reg_weight, "ibp-init": c.ibp_init,
                           "grad-clip": c.grad_clip})
         lines.append(f"  {method:<10} " + ", ".join(f"{k}={v}" for k, v in shown.items()))
-    lines += ["", "certified training: ε = 0 for --warmup-steps, then a smooth ramp to --train-eps over",
-              "--ramp-steps; κ and β ramp linearly over the same steps. All schedules count optimizer",
-              "steps (batches): mnist-5k at batch 100 is 40 steps per epoch."]
+    lines += ["", "certified training: ε = 0 for --warmup-steps (one epoch, at most 15% of all steps), then a",
+              "smooth ramp to --train-eps over --ramp-steps (35% of all steps); κ and β ramp linearly over the",
+              "same steps. All schedules count optimizer steps (batches): mnist-5k at batch 100 is 40 steps",
+              "per epoch. A recipe whose ε never reaches its target is announced before training starts."]
     return "\n".join(lines)
 
 
@@ -130,7 +131,6 @@ RECIPE_FIELDS = ("method", "model", "eps", "train_eps", "epochs", "batch_size", 
                  "attack_random_start", "warmup_steps", "ramp_steps", "eps_ramp", "eps_list", "kappa_start",
                  "kappa_end", "beta_start", "beta_end", "loss_fusion", "bn_stats", "ibp_init", "grad_clip",
                  "reg_weight", "train_subset", "test_subset", "eval_pgd_steps", "eval_pgd_subset", "dataset", "seed")
-
 
 
 def _config_from_args(args: argparse.Namespace):

@@ -211,11 +211,27 @@ def _read_run_state(folder: Path) -> Tuple[TrainConfig, Optional[Dict[str, Any]]
     lines of epochs the checkpoint does not cover (killed between the two writes) and temporary
     files of writes a kill interrupted."""
     config = read_config(folder)
-    state = load_checkpoint(folder / CHECKPOINT, map_location="cpu") if (folder / CHECKPOINT).exists() else None
+    state = (_checkpoint(folder / CHECKPOINT, "cpu", RESUME_KEYS) if (folder / CHECKPOINT).exists()
+             else None)
     records = truncate_metrics(folder / METRICS, state["epoch"] if state is not None else 0)
     for stale in folder.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
     return config, state, records
+
+
+# What a checkpoint must hold to rebuild its model, and to resume its run.
+MODEL_KEYS = ("epoch", "step", "input_shape", "model")
+RESUME_KEYS = MODEL_KEYS + ("optimizer", "scheduler", "rng")
+
+
+def _checkpoint(path: Path, device: Device, keys: Tuple[str, ...]) -> Dict[str, Any]:
+    state = load_checkpoint(path, map_location=device)
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise RunFolderError(f"{path} is not a complete pyibp checkpoint (it lacks {', '.join(missing)}); restore "
+                             f"it from a copy, or train the run again with: pyibp train --out {path.parent} "
+                             "--overwrite")
+    return state
 
 
 def _load_weights(model: nn.Module, state: Dict[str, Any], path: Path, config: TrainConfig) -> None:
@@ -256,7 +272,7 @@ def load_run(folder: PathLike, device: Device = "cpu") -> Tuple[TrainConfig, nn.
     if not path.exists():
         raise RunFolderError(f"{folder} has no {CHECKPOINT} yet: no epoch has finished (train it with "
                              f"pyibp train --out {folder} --resume)")
-    state = load_checkpoint(path, map_location=device)
+    state = _checkpoint(path, device, MODEL_KEYS)
     model = build_model(config, torch.zeros(state["input_shape"])).to(device)
     _load_weights(model, state, path, config)
     return config, model.eval(), {"epoch": state["epoch"], "step": state["step"], "pyibp": state.get("pyibp")}

@@ -31,7 +31,6 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-
 def lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """The learning-rate multiplier as a function of the global step (``step`` or ``constant``).
 
@@ -73,7 +72,6 @@ def eps_schedules(config: TrainConfig, steps_per_epoch: int) -> Tuple[Schedule, 
     return eps, kappa, beta
 
 
-
 def warmup_and_ramp(config: TrainConfig, steps_per_epoch: int) -> Tuple[int, int]:
     """``(warm-up steps, ramp steps)`` of a run: the recipe's, or by default one epoch of warm-up
     (at most 15 % of all steps) and a ramp over 35 % of all steps.
@@ -107,7 +105,7 @@ def eps_shortfall(config: TrainConfig, steps_per_epoch: int) -> Optional[str]:
         fix = "longer eps_list values or more epochs"
     else:
         warmup, ramp = warmup_and_ramp(config, steps_per_epoch)
-        why = f"{warmup} warm-up steps + {ramp} ramp steps > the run's {total} steps"
+        why = f"{warmup} warm-up and {ramp} ramp steps, of the run's {total}"
         fix = "more epochs, or fewer warmup_steps / ramp_steps"
     return (f"ε never reaches its target {target:g}: it is {reached:.4g} at the last step ({why}); "
             f"the network is trained for a smaller ε than it is evaluated at (give {fix})")
