@@ -279,3 +279,35 @@ def test_curves_of_a_one_epoch_run_draw_without_warnings(tmp_path):
     assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".*.tmp"))
     assert issubclass(ScheduleWarning, UserWarning)
+
+
+FAKE_BENCH = '''
+import argparse, json, sys
+parser = argparse.ArgumentParser()
+parser.add_argument("--out")
+args, _ = parser.parse_known_args()
+if "{name}" == "attacks":
+    sys.exit(3)                                              # fails before writing anything
+rows = [{{"device": "cpu", "model": m, "batch": 32, "fwd_x_plain": r, "speedup_vs_tutorial": 2 * r}}
+        for m, r in (("tutorial-cnn", 2.1), ("cifar-cnn", 1.8), ("cnn7", 1.5))]
+json.dump({{"results": rows}}, open(args.out, "w"))
+'''
+
+
+def test_bench_writes_into_a_results_folder_and_says_what_failed(tmp_path, capfd, monkeypatch):
+    import matplotlib.image
+    scripts = tmp_path / "benchmarks"
+    scripts.mkdir()
+    for name in ("bounds", "attacks"):
+        (scripts / f"bench_{name}.py").write_text(FAKE_BENCH.format(name=name))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(["bench", "--benchmarks-dir", str(scripts), "--device", "cpu", "--json"], capfd)
+    assert code == 1, err
+    printed = json.loads(out)
+    assert printed["failed"] == [f"bench_attacks.py (exit code 3, bench-results/bench_attacks.json not written)"]
+    assert printed["chart"] == "bench-results/bench.png" and set(printed["results"]) == {"bounds"}
+    assert sorted(p.name for p in (tmp_path / "bench-results").iterdir()) == ["bench.png", "bench_bounds.json"]
+    assert sorted(p.name for p in scripts.iterdir()) == ["bench_attacks.py", "bench_bounds.py"]   # nothing beside the scripts
+    height, width, _ = matplotlib.image.imread(tmp_path / "bench-results" / "bench.png").shape
+    assert height >= 240 and width / height <= 3.5, (width, height)
+    assert err.strip().splitlines()[-1].startswith("pyibp bench: failed: bench_attacks.py (exit code 3")

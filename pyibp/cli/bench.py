@@ -74,10 +74,11 @@ def plot_bench(payloads: List[Tuple[str, Dict[str, Any]]], path: Path) -> int:
             panels.append((f"{name}: {key}", bars))
     if not panels:
         return 0
-    # Two panels a row, each tall enough for its bars; tight_layout keeps the labels in the frame.
-    cols = min(2, len(panels))
+    # One column for one or two panels, else two; each panel tall enough for its bars, so the
+    # picture stays about as tall as wide; tight_layout keeps the labels in the frame.
+    cols = 1 if len(panels) <= 2 else 2
     rows = math.ceil(len(panels) / cols)
-    panel_height = max(2.4, 0.32 * max(len(b) for _, b in panels) + 1.2)
+    panel_height = max(3.0, 0.32 * max(len(b) for _, b in panels) + 1.2)
     fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, panel_height * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
@@ -121,7 +122,9 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
         out.progress(f"$ {' '.join(shlex.quote(c) for c in cmd)}")
         before = json_path.stat().st_mtime_ns if json_path.exists() else None
         # The scripts' tables go to our stdout, or to stderr when stdout carries --json.
-        code = subprocess.run(cmd, stdout=sys.stderr if args.json else None).returncode
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = subprocess.run(cmd, stdout=2 if args.json else None).returncode   # fd 2: our stderr
         written = json_path.exists() and json_path.stat().st_mtime_ns != before
         if code != 0 or not written:
             failed.append(f"bench_{name}.py (exit code {code}, {json_path} {'written' if written else 'not written'})")
