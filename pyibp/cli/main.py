@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import threading
@@ -89,8 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
     except ModuleNotFoundError as err:
         print(f"{prog}: error: {err} (a dependency of this command is missing)", file=sys.stderr)
-    except OSError as err:   # a read-only folder, a full disk: what could not be written, in one line
-        print(f"{prog}: error: cannot write {err.filename or 'a file'}: {err.strerror or err}", file=sys.stderr)
+    except OSError as err:   # a read-only folder, a full disk, a file without permission: in one line
+        print(f"{prog}: error: {_os_error(err)}", file=sys.stderr)
     except KeyboardInterrupt as interrupt:
         how = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
         print(f"{prog}: {how}" + ("; continue with --resume" if resumable else ""), file=sys.stderr)
@@ -99,6 +100,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return EXIT_USAGE
+
+
+def _os_error(err: OSError) -> str:
+    what = f"{err.strerror or err}"
+    if err.filename is None:
+        return what
+    if err.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {err.filename}: {what}"
+    return f"{err.filename}: {what}"
 
 
 def _main_thread() -> bool:

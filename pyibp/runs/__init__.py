@@ -9,6 +9,11 @@ A run folder holds
   ``random``, CUDA), epoch and global step, replaced atomically after every epoch;
 * ``curves.png``     the metrics as curves, redrawn after every epoch.
 
+A run folder has one writer: :func:`train` and :func:`train_run` hold its advisory lock
+(:func:`locked`, ``.pyibp.lock``) on rank 0 while they write, and a second process is refused
+with the holder's pid. A damaged file is named (:class:`RunFolderError`), never silently
+replaced, and a resume never drops a record the checkpoint covers.
+
 Resuming restores everything that decides what the next epoch computes, so a run killed at any
 point and resumed with :func:`train_run` ends with the same ``metrics.jsonl`` as an uninterrupted
 run (on the CPU, bit for bit, timings aside): the shuffle order and the attack's random starts of

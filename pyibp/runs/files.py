@@ -88,6 +88,8 @@ def load_checkpoint(path: PathLike, map_location: Optional[Device] = None) -> Di
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:   # not damage: a file that cannot be opened says so itself
+        raise
     except Exception as err:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ... on damage
         raise RunFolderError(f"{path} is damaged and cannot be read ({_first_line(err)}); "
                              f"{_restore_hint(path)}") from None
