@@ -311,3 +311,14 @@ def test_bench_writes_into_a_results_folder_and_says_what_failed(tmp_path, capfd
     height, width, _ = matplotlib.image.imread(tmp_path / "bench-results" / "bench.png").shape
     assert height >= 240 and width / height <= 3.5, (width, height)
     assert err.strip().splitlines()[-1].startswith("pyibp bench: failed: bench_attacks.py (exit code 3")
+
+
+def test_a_model_pyibp_cannot_bound_is_refused_before_the_run_starts(tmp_path, capsys):
+    (tmp_path / "odd.py").write_text("from torch import nn\n\ndef tanh_net():\n"
+                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Softsign())\n")
+    folder = tmp_path / "r"
+    code, _, err = run_main(["train", *TINY, "--model", f"{tmp_path / 'odd.py'}:tanh_net", "--out", str(folder)],
+                            capsys)
+    assert code == 2
+    assert "softsign" in one_line(err, "cannot be bounded").lower()   # the layer is named
+    assert not folder.exists()

@@ -54,7 +54,10 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], *, binary: bool =
         >>> atomic_write("out.json", lambda f: json.dump({"a": 1}, f), binary=False)
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:   # name the file asked for, not the temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make run files private to one user
         with os.fdopen(fd, "wb" if binary else "w") as f:

@@ -26,7 +26,7 @@ from ..models import MODELS, build_model as build_named_model
 if TYPE_CHECKING:
     from .recipe import TrainConfig
 
-__all__ = ["build_model", "check_model", "model_spec", "load_factory", "initialise_for_ibp"]
+__all__ = ["build_model", "check_model", "check_boundable", "model_spec", "load_factory", "initialise_for_ibp"]
 
 _SPEC_FORM = "FILE.py:FACTORY or MODULE:FACTORY"
 
@@ -112,6 +112,22 @@ def build_model(config: TrainConfig, example: Tensor) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {config.model!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def check_boundable(config: TrainConfig, example: Tensor) -> None:
+    """Builds ``config.model`` and bounds it once at ``example`` (C, H, W): every run verifies
+    its model after each epoch, so a model pyibp cannot bound (or whose output is not one logit
+    per class) is a ValueError naming it before a run starts, not after its first epoch."""
+    from ..bounds import interval_bounds
+    model = build_model(config, example).to(example.device).eval()
+    try:
+        with torch.no_grad():
+            lb, _ = interval_bounds(model, example[None], 0.0)
+    except TypeError as err:
+        raise ValueError(f"model {config.model!r} cannot be bounded by pyibp: {err}") from None
+    if lb.shape != (1, 10):
+        raise ValueError(f"model {config.model!r} gives outputs of shape {tuple(lb.shape[1:])} for one image, "
+                         "not the 10 logits of the classes")
 
 
 def initialise_for_ibp(model: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ from .files import (CHECKPOINT, CHECKPOINT_FORMAT, CURVES, METRICS, Device, Path
                     load_checkpoint, read_config, save_checkpoint, truncate_metrics)
 from .folder import locked, prepare_run_folder, recipe_to_train
 from .loop import evaluate_epoch, train_one_epoch
-from .model import build_model, initialise_for_ibp
+from .model import build_model, check_boundable, initialise_for_ibp
 from .plots import plot_curves
 from .recipe import CERTIFIED, TrainConfig
 from .schedules import ScheduleWarning, eps_schedules, eps_shortfall, make_optimizer, make_scheduler
@@ -68,7 +68,7 @@ def train(folder: PathLike, config: TrainConfig, *, resume: bool = False, overwr
                                                            keep=keep), ctx)
         data = load_data(config, data_dir=data_dir, download=download, device=device)
         ShardedLoader(data[0], config.batch_size, ctx=ctx)   # a last batch with no example for some rank
-        build_model(config, data[0].tensors[0][0])           # a factory that fails
+        check_boundable(config, data[0].tensors[0][0])       # a factory that fails, a model bounds refuse
         with contextlib.ExitStack() as held:
             # Rank 0 takes the lock (every rank stops when it cannot) and holds it to the end.
             on_main(lambda: held.enter_context(locked(folder)), ctx)
