@@ -15,7 +15,7 @@ from .recipe import TrainConfig
 __all__ = ["LOCK", "locked", "check_run_folder", "prepare_run_folder", "recipe_to_train", "RecipeMismatch"]
 
 LOCK = ".pyibp.lock"   # holds "PID HOST" of the process that writes the run
-_HELD: Dict[Path, List[int]] = {}   # folder -> [lock file descriptor, depth]: the locks this process holds
+_HELD: Dict[Path, int] = {}   # folder -> lock file descriptor: the locks this process holds
 
 
 @contextlib.contextmanager
@@ -32,17 +32,13 @@ def locked(folder: PathLike) -> Iterator[Path]:
     """
     folder = Path(folder)
     key = folder.resolve()
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield folder
-        finally:
-            _HELD[key][1] -= 1
+    if key in _HELD:   # nested: the outermost block releases it
+        yield folder
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     fd = _acquire(path)
-    _HELD[key] = [fd, 1]
+    _HELD[key] = fd
     try:
         yield folder
     finally:
