@@ -9,7 +9,8 @@ import threading
 import warnings
 from typing import Any, Callable, Optional, Sequence, Set
 
-from . import bench, certify, eval, landscape, reproduce, train
+from . import bench, certify, landscape, reproduce, train
+from . import eval as evaluate   # the module of `pyibp eval` (not the builtin)
 from ..distributed import launched_by_torchrun
 from ..runs import RunFolderError, ScheduleWarning
 from .common import EXIT_USAGE, PROG, CLIError, Formatter, Output, Parser
@@ -17,7 +18,7 @@ from .common import EXIT_USAGE, PROG, CLIError, Formatter, Output, Parser
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Each subcommand's module: add_parser(command) and run(args, out, explicit) -> exit code.
-COMMANDS = {"train": train, "eval": eval, "certify": certify, "landscape": landscape, "bench": bench,
+COMMANDS = {"train": train, "eval": evaluate, "certify": certify, "landscape": landscape, "bench": bench,
             "reproduce": reproduce}
 DESCRIPTION = "The ``pyibp`` command: train, attack, certify, plot and reproduce, from a shell."
 
