@@ -37,6 +37,11 @@ def pyibp(*args: str, check: bool = True, env: dict = ENV, timeout: float = 300)
     return proc
 
 
+def slow_pyibp(delay: float, *args: str) -> list:
+    """The command line of ``pyibp ARGS`` pausing ``delay`` seconds after every training batch."""
+    return [sys.executable, str(REPO / "tests" / "slow_pyibp.py"), str(delay), *args]
+
+
 def run_main(argv, capsys):
     """``main(argv)`` in this process: (exit code, stdout, stderr)."""
     try:
@@ -87,9 +92,8 @@ def test_train_writes_a_run_folder(run):
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(run, tmp_path):
     reference, _ = run
     folder = tmp_path / "killed"
-    slow = {**ENV, "PYIBP_BATCH_DELAY": "0.4"}
-    proc = subprocess.Popen([sys.executable, "-m", "pyibp", "train", *TINY, "--out", str(folder)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slow)
+    proc = subprocess.Popen(slow_pyibp(0.4, "train", *TINY, "--out", str(folder)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         # The epoch line is printed after the checkpoint is written; then epoch 2 starts.
         for line in proc.stdout:

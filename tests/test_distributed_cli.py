@@ -37,10 +37,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str) -> list:
-    """The command line of ``pyibp ARGS`` under torchrun with ``nproc`` local processes."""
+def torchrun(nproc: int, *args: str, delay: float = 0.0) -> list:
+    """The command line of ``pyibp ARGS`` under torchrun with ``nproc`` local processes, pausing
+    ``delay`` seconds after every training batch when it is > 0 (tests/slow_pyibp.py)."""
+    program = ["-m", "pyibp"] if delay == 0 else [str(REPO / "tests" / "slow_pyibp.py"), str(delay)]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(_free_port()), "-m", "pyibp", *args]
+            "127.0.0.1", "--master_port", str(_free_port()), *program, *args]
 
 
 def run(cmd: list, env: dict = ENV, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -111,9 +113,8 @@ def _children(pid: int) -> list:
 def test_resume_of_a_killed_two_process_run_matches_the_uninterrupted_run(runs, tmp_path):
     _, reference, _, _ = runs
     folder = tmp_path / "killed"
-    slow = {**ENV, "PYIBP_BATCH_DELAY": "0.3"}
-    proc = subprocess.Popen(torchrun(2, "train", *RECIPE, "--out", str(folder)), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=slow)
+    proc = subprocess.Popen(torchrun(2, "train", *RECIPE, "--out", str(folder), delay=0.3), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=ENV)
     try:
         for line in proc.stdout:
             if line.startswith("epoch   1/2"):  # printed after the checkpoint of epoch 1 is written

@@ -1,0 +1,66 @@
+"""``pyibp eval``: the error of a trained run under FGSM or PGD, merged into its eval.json."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Set
+
+from .common import (CLIError, Output, ResultFile, common_options, count, format_table, load, pct, positive,
+                     run_evaluation_options, test_set, torch_device)
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Adds the subcommand to the ``pyibp`` parser (``command`` makes its sub-parser)."""
+    p = command("eval", "error of a trained run under FGSM or PGD",
+                "Clean error and error under attack of a run's model on its test set; the result is\n"
+                "printed and merged into RUN_DIR/eval.json. An example counts as broken when it is\n"
+                "misclassified clean or after the attack.")
+    run_evaluation_options(p, "attack")
+    p.add_argument("--attack", choices=("fgsm", "pgd"), default="pgd", help="the attack")
+    p.add_argument("--steps", type=count(1), default=40, help="PGD steps")
+    p.add_argument("--alpha", type=positive, help="PGD step size (default: 2.5 ε / steps)")
+    p.add_argument("--restarts", type=count(1), default=1, help="PGD restarts")
+    p.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=None,
+                   help="PGD from random points of the box (default: yes when --restarts > 1)")
+    common_options(p, seed_help="seeds the random starts")
+
+
+def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
+    """Runs ``pyibp eval``; returns the exit code."""
+    import torch
+    from ..data import loader
+    from ..runs import eval_batch_size
+    from ..train import evaluate
+    device = torch_device(args.device)
+    config, model, meta = load(args.run, device)
+    eps = config.eps if args.eps is None else args.eps
+    test = test_set(config, args, device, args.test_subset)
+    if eps == 0:
+        raise CLIError("--eps 0 leaves nothing to attack; the clean error is the error at ε = 0")
+    alpha = args.alpha if args.alpha is not None else 2.5 * eps / args.steps
+    random_start = args.random_start if args.random_start is not None else args.restarts > 1
+    kwargs: Dict[str, Any] = {}
+    if args.attack == "pgd":
+        kwargs = dict(alpha=alpha, steps=args.steps, restarts=args.restarts, random_start=random_start,
+                      generator=torch.Generator(device).manual_seed(args.seed))
+        start_kind = " random" if random_start else ""
+        label = f"pgd-{args.steps} alpha={alpha:.4g} restarts={args.restarts}{start_kind} eps={eps}"
+    else:
+        label = f"fgsm eps={eps}"
+    start = time.perf_counter()
+    batches = loader(test, args.batch_size or eval_batch_size(device))
+    result = evaluate(model, batches, attack=args.attack, eps=eps, device=device, quiet=args.quiet, **kwargs)
+    entry = {"attack": args.attack, "eps": eps, **{k: v for k, v in kwargs.items() if k != "generator"},
+             "seed": args.seed, "examples": result["examples"], "clean_error": result["error"],
+             "adv_error": result["adv_error"], "epoch": meta["epoch"], "seconds": time.perf_counter() - start}
+    saved = ResultFile(Path(args.run) / "eval.json")
+    saved.add(label, entry)
+    out.show(format_table(("run", "epoch", "attack", "examples", "clean error", "error under attack", "seconds"),
+                          [(args.run, f"{meta['epoch']}/{config.epochs}", label, result["examples"],
+                            pct(result["error"]), pct(result["adv_error"]), round(entry["seconds"], 1))]))
+    out.result({"run": args.run, "label": label, **entry})
+    saved.check()
+    return 0
