@@ -26,8 +26,14 @@ Example:
     >>> delta = pgd(model, x, y, 0.1, alpha=0.01, steps=40)
     >>> x_adv = x + delta
 """
+from .apgd import apgd, apgd_checkpoints
+from .autoattack import ATTACKS, VERSIONS, AttackRecord, AutoAttackResult, autoattack
 from .common import LOSSES, NORMS, attack_loss
+from .fab import fab
 from .fgsm import FGSM, fgsm
 from .pgd import PGD, pgd
+from .square import square, square_fraction
 
-__all__ = ["fgsm", "pgd", "FGSM", "PGD", "attack_loss", "NORMS", "LOSSES"]
+__all__ = ["fgsm", "pgd", "FGSM", "PGD", "apgd", "apgd_checkpoints", "fab", "square", "square_fraction",
+           "autoattack", "AutoAttackResult", "AttackRecord", "VERSIONS", "ATTACKS", "attack_loss", "NORMS",
+           "LOSSES"]

@@ -216,9 +216,12 @@ def pgd_step_(delta: Tensor, grad: Tensor, x: Tensor, eps: Tensor, alpha: Tensor
 
 
 def project_(delta: Tensor, x: Tensor, eps: Tensor, domain: Domain, norm: str) -> Tensor:
-    """Projects delta in place onto the ball and the domain: a step with a zero gradient."""
+    """Projects delta in place onto the ball and the domain: an APGD step with a zero gradient
+    and momentum 1 (the APGD kernels take every dtype and domain)."""
+    step = ops.apgd_linf_step_ if norm == "linf" else ops.apgd_l2_step_
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
-    return pgd_step_(delta, torch.zeros_like(delta), x, eps, zero, domain, norm)
+    return step(delta, torch.empty_like(delta), torch.zeros_like(delta), x, eps, zero, 1.0, domain.lower,
+                domain.upper)
 
 
 def per_example_view(t: Tensor, x: Tensor) -> Tensor:
@@ -258,10 +261,11 @@ def _model_dtype(model: nn.Module) -> Optional[torch.dtype]:
 class Evaluator:
     """Runs the model on ``x + delta`` for an attack: the input cast to the model's dtype (a half
     or bfloat16 model takes float32 inputs), the logits checked once, and the loss's gradient with
-    respect to delta only."""
+    respect to delta only, averaged over ``eot`` forward passes for randomised models
+    (expectation over transformation; the logits and losses returned are the last pass's)."""
 
-    def __init__(self, model: nn.Module):
-        self.model, self.dtype, self.checked = model, _model_dtype(model), False
+    def __init__(self, model: nn.Module, eot: int = 1):
+        self.model, self.dtype, self.checked, self.eot = model, _model_dtype(model), False, eot
 
     def logits(self, inputs: Tensor, y: Tensor) -> Tensor:
         out = self.model(inputs if self.dtype is None else inputs.to(self.dtype))
@@ -274,11 +278,14 @@ class Evaluator:
              target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """``(gradient, logits, per-example loss)`` at ``x + delta``; the gradient is of delta's dtype."""
         d = delta.detach().requires_grad_(True)  # a fresh leaf: the steps mutate delta's storage
-        with torch.enable_grad():
-            logits = self.logits(x + d, y)
-            values = attack_loss(logits, y, loss, target)
-            (grad,) = torch.autograd.grad(values.sum(), d)
-        return grad, logits.detach(), values.detach()
+        total = None
+        for _ in range(self.eot):
+            with torch.enable_grad():
+                logits = self.logits(x + d, y)
+                values = attack_loss(logits, y, loss, target)
+                (grad,) = torch.autograd.grad(values.sum(), d)
+            total = grad if total is None else total + grad
+        return (total if self.eot == 1 else total / self.eot), logits.detach(), values.detach()
 
 
 @contextlib.contextmanager
