@@ -14,10 +14,11 @@ C10_HOST_DEVICE inline acc_t clamp_between(acc_t v, acc_t lo, acc_t hi) {
   return v > hi ? hi : (v < lo ? lo : v);
 }
 
-// The heavy-ball combination of the projected step z with the last move d - p.
+// The heavy-ball combination of the projected step z with the last move d - p. Momentum 1 is
+// the plain projected step: z itself, whatever p holds (the PGD steps pass scratch memory).
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t apgd_momentum(acc_t d, acc_t p, acc_t z, acc_t a) {
-  return d + a * (z - d) + (acc_t(1) - a) * (d - p);
+  return a == acc_t(1) ? z : d + a * (z - d) + (acc_t(1) - a) * (d - p);
 }
 
 // l-inf: z = P(d + s sign(g)), then P(momentum), P the projection onto the box and the domain;

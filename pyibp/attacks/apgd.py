@@ -145,7 +145,7 @@ def run_apgd(ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain, *
     B = x.shape[0]
     result = torch.zeros_like(x)
     fooled = torch.zeros(B, dtype=torch.bool, device=x.device)
-    best_loss = torch.full((B,), float("-inf"), device=x.device)
+    best_loss = torch.full((B,), float("-inf"), dtype=torch.float64, device=x.device)
     ranked: Optional[Tensor] = None
     targets: List[Optional[int]] = [None]
     if targeted and B:
@@ -161,6 +161,7 @@ def run_apgd(ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain, *
             target = None if rank is None else ranked[todo, rank]
             delta, won, best, value = _run_once(ev, x[todo], y[todo], target, take(eps, todo), domain.take(todo),
                                                 norm=norm, loss=loss, steps=steps, generator=generator, tick=tick)
+            value = value.to(torch.float64)
             higher = ~won & (value > best_loss[todo])
             result[todo[won]], fooled[todo[won]] = delta[won], True
             result[todo[higher]], best_loss[todo[higher]] = best[higher], value[higher]

@@ -94,12 +94,12 @@ def _settings(version: str) -> Dict[str, Dict[str, object]]:
     }
 
 
-def _units(setting: Dict[str, object], classes: int) -> int:
+def _units(setting: Dict[str, object], classes: int, steps: int, n_queries: int) -> int:
     """Progress units (steps or queries) of one batch of an attack."""
     if setting["kind"] == "square":
-        return QUERIES
+        return n_queries
     targets = min(TARGETS, classes - 1) if setting["targeted"] else 1
-    return targets * int(setting["restarts"]) * STEPS
+    return targets * int(setting["restarts"]) * steps
 
 
 def _check_classes(names: Sequence[str], classes: int) -> None:
@@ -113,7 +113,8 @@ def _check_classes(names: Sequence[str], classes: int) -> None:
 
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = "linf", version: str = "standard",
                attacks: Optional[Sequence[str]] = None, lower: Bound = 0.0, upper: Bound = 1.0, seed: int = 0,
-               batch_size: int = 500, progress: Optional[Progress] = None) -> AutoAttackResult:
+               batch_size: int = 500, steps: int = STEPS, n_queries: int = QUERIES,
+               progress: Optional[Progress] = None) -> AutoAttackResult:
     """AutoAttack (Croce & Hein 2020) on a batch: the worst case over the cascade of ``version``.
 
     Args:
@@ -126,6 +127,8 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
         seed: seeds one generator per attack (the global RNG is not touched), so results repeat.
         batch_size: examples per attack call (memory; results do not depend on it up to the
             random draws).
+        steps, n_queries: iterations of each APGD and FAB run, and Square's queries: the
+            original's 100 and 5000 unless changed (fewer only for a quick look: it is then not AutoAttack).
         progress: called as ``progress(attack, done, total)`` after each step or query, with
             ``total`` the units of that attack (for a progress bar per attack).
     Returns:
@@ -144,6 +147,8 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
     for name in names:
         _check_choice("attack", name, ATTACKS)
     check_count("batch_size", batch_size)
+    check_count("steps", steps)
+    check_count("n_queries", n_queries)
     eps_t, domain, y, _ = check_inputs(model, x, y, eps, lower, upper)
     if "square" in names:
         check_image(x, norm)
@@ -165,7 +170,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
             setting, started = settings[name], time.perf_counter()
             todo = robust.nonzero()[:, 0]
             chunks = [todo[i:i + batch_size] for i in range(0, todo.numel(), batch_size)]
-            total, done = _units(setting, classes) * len(chunks), 0
+            total, done = _units(setting, classes, steps, n_queries) * len(chunks), 0
             generator = torch.Generator(device=x.device).manual_seed(seed)
 
             def tick(n: int, name: str = name) -> None:
@@ -176,8 +181,8 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
 
             broken = 0
             for rows in chunks:
-                found = _run(name, setting, ev, x[rows], y[rows], take(eps_t, rows), domain.take(rows), norm,
-                             generator, tick)
+                found = _run(setting, ev, x[rows], y[rows], take(eps_t, rows), domain.take(rows), norm, steps,
+                             n_queries, generator, tick)
                 with torch.no_grad():
                     wrong = ev.logits(x[rows] + found, y[rows]).argmax(1) != y[rows]
                 delta[rows[wrong]], robust[rows[wrong]] = found[wrong], False
@@ -189,23 +194,23 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
                             norm, eps_value, records)
 
 
-def _run(name: str, setting: Dict[str, object], ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain,
-         norm: str, generator: torch.Generator, tick: Callable[[int], None]) -> Tensor:
+def _run(setting: Dict[str, object], ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain, norm: str,
+         steps: int, n_queries: int, generator: torch.Generator, tick: Callable[[int], None]) -> Tensor:
     kind = setting["kind"]
     if kind == "apgd":
         ev.eot = int(setting["eot"])
         try:
             delta, _ = run_apgd(ev, x, y, eps, domain, norm=norm, loss=str(setting["loss"]),
-                                targeted=bool(setting["targeted"]), n_target_classes=TARGETS, steps=STEPS,
+                                targeted=bool(setting["targeted"]), n_target_classes=TARGETS, steps=steps,
                                 restarts=int(setting["restarts"]), generator=generator, tick=tick)
         finally:
             ev.eot = 1
         return delta
     if kind == "fab":
         delta, _ = run_fab(ev, x, y, eps, domain, norm=norm, targeted=bool(setting["targeted"]),
-                           n_target_classes=TARGETS, steps=STEPS, restarts=int(setting["restarts"]),
+                           n_target_classes=TARGETS, steps=steps, restarts=int(setting["restarts"]),
                            generator=generator, tick=tick)
         return delta
-    delta, _ = run_square(ev, x, y, eps, domain, norm=norm, n_queries=QUERIES, p_init=0.8, loss="margin",
+    delta, _ = run_square(ev, x, y, eps, domain, norm=norm, n_queries=n_queries, p_init=0.8, loss="margin",
                           generator=generator, tick=tick)
     return delta

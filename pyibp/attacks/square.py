@@ -93,8 +93,9 @@ def _start(x: Tensor, e: Tensor, norm: str, rand: _Random) -> Tensor:
     delta = torch.zeros_like(x)
     s = h // 5
     first = (h - 5 * s) // 2
-    for row in range(h // s):
-        for col in range(w // s):
+    # The windows that fit (the original's h // s of them overrun images like 14 x 14).
+    for row in range((h - first) // s):
+        for col in range((w - first) // s):
             top, left = first + row * s, first + col * s
             delta[:, :, top:top + s, left:left + s] += _eta(s, rand).view(1, 1, s, s) * rand.signs(B, c, 1, 1)
     return _on_sphere(delta, e)
