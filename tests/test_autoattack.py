@@ -235,7 +235,8 @@ def trained():
                 loss.backward()
                 opt.step()
         models[method] = model.eval()
-    return models, test.tensors[0][:200], test.tensors[1][:200]
+    chosen = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:200]   # every class
+    return models, test.tensors[0][chosen], test.tensors[1][chosen]
 
 
 def error(model, x, y, delta):
