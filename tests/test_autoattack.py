@@ -213,6 +213,27 @@ def test_autoattack_refuses_models_with_too_few_classes():
     assert [a.name for a in result.attacks] == ["apgd-ce", "square"]
 
 
+@pytest.mark.parametrize("version", ["standard", "plus", "rand"])
+def test_autoattack_versions_report_and_progress(version):
+    model = small_conv().eval()
+    x, y = torch.rand(6, 1, 14, 14), torch.randint(0, 10, (6,))
+    seen = {}
+    result = autoattack(model, x, y, 0.05, version=version, steps=3, n_queries=5, batch_size=4,
+                        progress=lambda name, done, total: seen.setdefault(name, []).append((done, total)))
+    names = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
+             "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"], "rand": ["apgd-ce", "apgd-dlr"]}
+    assert [a.name for a in result.attacks] == names[version]
+    for name, ticks in seen.items():   # a bar per attack that ends full
+        assert ticks[-1][0] == ticks[-1][1] and all(a <= b for (a, _), (b, _) in zip(ticks, ticks[1:]))
+    report = result.report()
+    assert report["examples"] == 6 and len(report["attacks"]) == len(names[version])
+    with torch.no_grad():
+        wrong = model(x + result.delta).argmax(1) != y
+    assert torch.equal(~wrong, result.robust)
+    assert result.robust_error == pytest.approx(wrong.float().mean().item())
+    assert_contract(result.delta, x, 0.05, "linf", 0.0, 1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # on trained models: strength and soundness
 @pytest.fixture(scope="module")
