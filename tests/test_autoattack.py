@@ -213,6 +213,25 @@ def test_autoattack_refuses_models_with_too_few_classes():
     assert [a.name for a in result.attacks] == ["apgd-ce", "square"]
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("targeted", [True, False])
+def test_fab_finds_the_minimal_perturbation_of_a_linear_model(norm, targeted):
+    """The boundary of a linear two-class model lies at |f| / ||w||_dual: FAB reaches it from just
+    outside (2 % more radius) and, being sound, never breaks an example from just inside."""
+    torch.manual_seed(0)
+    linear = nn.Linear(10, 2)
+    x = torch.rand(16, 10) * 2 - 1
+    with torch.no_grad():
+        y = linear(x).argmax(1)
+        f = (linear(x)[:, 1] - linear(x)[:, 0]).abs()
+        w = linear.weight[1] - linear.weight[0]
+        distance = f / (w.abs().sum() if norm == "linf" else w.norm())
+    for scale, broken in ((1.02, 16), (0.98, 0)):
+        delta = fab(linear, x, y, distance * scale, norm=norm, targeted=targeted, steps=20, lower=-10.0, upper=10.0)
+        with torch.no_grad():
+            assert int((linear(x + delta).argmax(1) != y).sum()) == broken
+
+
 @pytest.mark.parametrize("version", ["standard", "plus", "rand"])
 def test_autoattack_versions_report_and_progress(version):
     model = small_conv().eval()

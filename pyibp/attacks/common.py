@@ -73,11 +73,11 @@ def attack_loss(logits: Tensor, y: Tensor, loss: str = "ce", target: Optional[Te
 
 
 def _check_dlr_classes(classes: int, targeted: bool) -> None:
-    needed = 4 if targeted else 3
+    needed, divisor = (4, "z_π1 - (z_π3 + z_π4) / 2") if targeted else (3, "z_π1 - z_π3")
     if classes < needed:
         kind = "the targeted DLR loss" if targeted else "the DLR loss"
-        raise ValueError(f"{kind} divides by z_π1 - z_π{needed - 1 if not targeted else '3/π4'} and needs at "
-                         f"least {needed} classes, the model has {classes}; use loss='ce' or 'margin'")
+        raise ValueError(f"{kind} divides by {divisor} and needs at least {needed} classes, the model has "
+                         f"{classes}; use loss='ce' or 'margin'")
 
 
 def misclassified(logits: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
