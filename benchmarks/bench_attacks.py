@@ -27,7 +27,7 @@ not the original's.
 
 Usage:
     python benchmarks/bench_attacks.py [--device cpu|cuda|all] [--repeats 5] [--quick] [--out PATH]
-                                       [--aa-examples 200] [--aa-epochs 2] [--no-autoattack]
+                                       [--aa-examples 100] [--aa-epochs 2] [--no-autoattack]
 """
 from __future__ import annotations
 
@@ -270,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="10 steps and 3 repeats: a smoke run")
     parser.add_argument("--steps", type=int, default=40, help="PGD steps (default 40)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_attacks.json")
-    parser.add_argument("--aa-examples", type=int, default=200, help="AutoAttack test images (default 200; 50 with --quick)")
+    parser.add_argument("--aa-examples", type=int, default=100, help="AutoAttack test images (default 100; 50 with --quick)")
     parser.add_argument("--aa-epochs", type=int, default=2, help="FGSM training epochs of the AutoAttack model (default 2)")
     parser.add_argument("--no-autoattack", action="store_true", help="only the PGD timings")
     args = parser.parse_args(argv)
