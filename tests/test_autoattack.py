@@ -284,9 +284,10 @@ def error(model, x, y, delta):
         return (model(x + delta).argmax(1) != y).float().mean().item()
 
 
-def test_apgd_is_at_least_as_strong_as_pgd_with_restarts(trained):
+@pytest.mark.parametrize("method", ["standard", "ibp"])
+def test_apgd_is_at_least_as_strong_as_pgd_with_restarts(trained, method):
     models, x, y = trained
-    model, eps = models["standard"], 0.08
+    model, eps = models[method], 0.08 if method == "standard" else 0.15
     g = torch.Generator().manual_seed(0)
     pgd40 = error(model, x, y, pgd(model, x, y, eps, alpha=eps / 4, steps=40))
     pgd_restarts = error(model, x, y, pgd(model, x, y, eps, alpha=eps / 4, steps=100, random_start=True,
@@ -296,10 +297,14 @@ def test_apgd_is_at_least_as_strong_as_pgd_with_restarts(trained):
     assert apgd_ce > error(model, x, y, torch.zeros_like(x))   # it does break examples
 
 
-def test_no_ibp_certified_example_is_broken(trained):
+def test_no_certified_example_is_broken(trained):
+    """Examples that IBP or CROWN-IBP verifies stay robust under every attack."""
     models, x, y = trained
     model, eps = models["ibp"], 0.1
-    certified = (pyibp.margin_bounds(model, x, y, eps).scatter(1, y[:, None], math.inf).amin(1) > 0)
+    certified = torch.zeros_like(y, dtype=torch.bool)
+    for method in ("ibp", "crown-ibp"):
+        margins = pyibp.margin_bounds(model, x, y, eps, method=method)
+        certified |= margins.scatter(1, y[:, None], math.inf).amin(1) > 0
     assert certified.sum() >= 20    # the check has examples to check
     result = autoattack(model, x, y, eps, steps=25, n_queries=300)
     assert not (certified & ~result.robust).any()
