@@ -6,10 +6,11 @@ The public API::
     margins = pyibp.margin_bounds(model, x, y, eps)        # lower bounds of logit_y - logit_j
     ce = pyibp.crown_ibp_robust_ce(model, x, y, eps)       # upper bounds of the worst-case cross-entropy
     delta = pyibp.pgd(model, x, y, eps, alpha=0.01, steps=40)   # an attack inside the same box
+    result = pyibp.autoattack(model, x, y, eps)            # AutoAttack standard, with a per-attack report
 """
 from . import (attacks, certified_training, certify, crown, data, distributed, layers, models, nn, ops, schedules,
                train)
-from .attacks import fgsm, pgd
+from .attacks import apgd, autoattack, fab, fgsm, pgd, square
 from .bounds import interval_bounds, margin_bounds
 from .certify import robustness_report, verify
 from .crown import crown_ibp_margin_bounds, crown_ibp_robust_ce
@@ -18,6 +19,7 @@ from .layers import SUPPORTED_LAYERS, batch_statistics, flatten_layers
 __version__ = "0.1.0"
 
 __all__ = ["interval_bounds", "margin_bounds", "crown_ibp_margin_bounds", "crown_ibp_robust_ce", "fgsm", "pgd",
+           "apgd", "fab", "square", "autoattack",
            "verify", "robustness_report", "flatten_layers", "batch_statistics", "SUPPORTED_LAYERS", "attacks",
            "certified_training", "certify", "crown", "data", "distributed", "layers", "models", "nn", "ops",
            "schedules", "train", "__version__"]
