@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "checks.h"
+#include "pgd_common.h"
 
 namespace pyibp {
 

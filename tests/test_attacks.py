@@ -618,6 +618,12 @@ def test_attacks_run_a_reduced_precision_model_on_the_cpu(dtype):
         assert delta.dtype == torch.float32
         assert_in_ball_and_domain(delta, x, 0.1, "linf", 0.0, 1.0)
         assert delta.abs().sum() > 0
+    # An input of the model's own reduced dtype: the fused steps run half/bfloat16 on the CPU too.
+    x_low = x.to(dtype)
+    for norm in ("linf", "l2"):
+        delta = pgd(model, x_low, y, 0.1, alpha=0.03, steps=3, random_start=True, norm=norm)
+        assert delta.dtype == dtype
+        assert_in_ball_and_domain(delta, x_low, 0.1, norm, 0.0, 1.0)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

@@ -133,6 +133,12 @@ def test_eval_and_certify_write_json_into_the_run(run):
     saved = json.loads((folder / "eval.json").read_text())["results"]
     assert len(saved) == 2 and {r["attack"] for r in saved.values()} == {"pgd", "fgsm"}
 
+    aa = json.loads(pyibp("eval", str(folder), "--attack", "autoattack", "--steps", "5", "--queries", "20",
+                          "--device", "cpu", "--json").stdout)
+    assert [a["name"] for a in aa["attacks"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert aa["clean_error"] == pgd["clean_error"] <= aa["robust_error"] == aa["attacks"][-1]["robust_error"]
+    assert "autoattack-standard steps=5 queries=20 eps=0.1" in json.loads((folder / "eval.json").read_text())["results"]
+
     cert = json.loads(pyibp("certify", str(folder), "--method", "ibp", "crown-ibp", "--device", "cpu",
                             "--json").stdout)["results"]
     ibp, crown = cert["ibp"], cert["crown-ibp"]
@@ -170,10 +176,12 @@ def test_bench_runs_the_scripts_and_charts_the_ratios(tmp_path):
 def test_reproduce_prints_the_tutorials_tables(tmp_path):
     out = tmp_path / "repro"
     args = ["reproduce", "--epochs", "1", "--train-subset", "100", "--test-subset", "20", "--restarts", "2",
+            "--autoattack-examples", "5",
             "--tutorial-recipe", "--out", str(out), "--device", "cpu"]
     proc = pyibp(*args)
     for text in ("published (tutorial, MNIST)", "tutorial recipe (mnist-5k, 20 test images)", "0.85", "2.83",
-                 "5.15", "9.67", "PGD-40, random start, 2 restarts", "CROWN-IBP-verified"):
+                 "5.15", "9.67", "PGD-40, random start, 2 restarts", "AutoAttack (standard), first 5 images",
+                 "CROWN-IBP-verified"):
         assert text in proc.stdout, text
     report = json.loads((out / "reproduce.json").read_text())
     assert set(report["runs"]) == {"standard", "pgd", "certified", "tutorial-standard", "tutorial-pgd",

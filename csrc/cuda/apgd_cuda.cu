@@ -9,7 +9,7 @@
 
 #include "apgd_common.h"
 #include "math/apgd.h"
-#include "pointwise.cuh"
+#include "cuda/pointwise.cuh"
 
 namespace pyibp {
 namespace {

@@ -5,7 +5,7 @@
 #pragma once
 #include <c10/macros/Macros.h>
 
-#include "pgd_common.h"
+#include "math/projection.h"
 
 namespace pyibp {
 

@@ -165,7 +165,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
         classes = logits[0].shape[1] if B else 0
         if B:
             _check_classes(names, classes)
-        clean_error = 1 - robust.float().mean().item() if B else 0.0
+        clean_error = 1 - int(robust.sum()) / B if B else 0.0
         for name in names:
             setting, started = settings[name], time.perf_counter()
             todo = robust.nonzero()[:, 0]
@@ -187,10 +187,10 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
                     wrong = ev.logits(x[rows] + found, y[rows]).argmax(1) != y[rows]
                 delta[rows[wrong]], robust[rows[wrong]] = found[wrong], False
                 broken += int(wrong.sum())
-            records.append(AttackRecord(name, todo.numel(), broken, 1 - robust.float().mean().item() if B else 0.0,
+            records.append(AttackRecord(name, todo.numel(), broken, 1 - int(robust.sum()) / B if B else 0.0,
                                         time.perf_counter() - started))
     eps_value = float(eps_t) if eps_t.dim() == 0 else float(eps_t.max()) if eps_t.numel() else 0.0
-    return AutoAttackResult(delta, robust, clean_error, 1 - robust.float().mean().item() if B else 0.0, version,
+    return AutoAttackResult(delta, robust, clean_error, 1 - int(robust.sum()) / B if B else 0.0, version,
                             norm, eps_value, records)
 
 

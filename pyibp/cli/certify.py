@@ -23,6 +23,9 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--method", nargs="+", choices=("ibp", "crown-ibp"), default=["ibp", "crown-ibp"],
                    help="bounding methods")
     p.add_argument("--float64", action="store_true", help="compute the bounds in float64")
+    p.add_argument("--autoattack", action="store_true",
+                   help="also run AutoAttack (standard) on the same examples and show its robust error beside "
+                        "the verified error (every verified example must stay unbroken)")
     common_options(p, seed_help="unused (verification is deterministic); accepted for uniformity")
 
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     eps = config.eps if args.eps is None else args.eps
     test = test_set(config, args, device, args.test_subset)
     batches = loader(test, args.batch_size or eval_batch_size(device))
-    rows, results = [], {}
+    rows, results, verified = [], {}, {}
     saved = ResultFile(Path(args.run) / "certify.json")
     for method in dict.fromkeys(args.method):
         start = time.perf_counter()
@@ -48,11 +51,45 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
                  "clean_error": r.clean_error, "verified_error": r.verified_error, "epoch": meta["epoch"],
                  "seconds": seconds}
         results[method] = entry
+        verified[method] = r.verified
         saved.add(f"{method} eps={eps}{' float64' if args.float64 else ''}", entry)
         rows.append((method, eps, len(r), pct(r.clean_error), pct(r.verified_error), round(seconds, 1)))
+    if args.autoattack:
+        rows.append(_autoattack_row(args, model, test, eps, device, verified, results, saved))
     out.show(format_table(("method", "eps", "examples", "clean error", "verified error", "seconds"), rows,
                           title=f"{args.run} (epoch {meta['epoch']}/{config.epochs}, {config.method})"))
     out.result({"run": args.run, "results": results})
     saved.check()
     return 0
 
+
+
+def _autoattack_row(args, model, test, eps: float, device, verified, results, saved) -> tuple:
+    """AutoAttack (standard) on the examples just verified: its robust error is a lower bound of the
+    true robust error that every verified error must stay above, example by example."""
+    import sys
+
+    from ..attacks import autoattack
+    from ..runs import eval_batch_size
+    from .eval import progress_bars
+    x, y = test.tensors
+    progress, close = progress_bars(args.quiet)
+    start = time.perf_counter()
+    try:
+        aa = autoattack(model.eval(), x, y, eps, seed=args.seed, batch_size=args.batch_size or eval_batch_size(device),
+                        progress=progress)
+    finally:
+        close()
+    seconds = time.perf_counter() - start
+    robust = aa.robust.cpu()
+    broken = {method: int((v & ~robust).sum()) for method, v in verified.items()}
+    entry = {"method": "autoattack-standard", "eps": eps, "examples": len(y), "clean_error": aa.clean_error,
+             "robust_error": aa.robust_error, "verified_but_broken": broken, "attacks": aa.report()["attacks"],
+             "seconds": seconds}
+    results["autoattack"] = entry
+    saved.add(f"autoattack-standard eps={eps}", entry)
+    for method, count in broken.items():
+        if count:
+            print(f"pyibp certify: UNSOUND: AutoAttack broke {count} example(s) that {method} verified",
+                  file=sys.stderr)
+    return ("autoattack (robust error)", eps, len(y), pct(aa.clean_error), pct(aa.robust_error), round(seconds, 1))

@@ -30,6 +30,9 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     mode.add_argument("--overwrite", action="store_true", help="start the runs in OUT over")
     p.add_argument("--eps", type=positive, default=0.1, help="ε")
     p.add_argument("--restarts", type=count(1), help="restarts of randomised PGD (default: 10; 3 with --quick)")
+    p.add_argument("--autoattack-examples", type=count(0),
+                   help="AutoAttack (standard) on the first N test images (default: all; 100 with --quick; "
+                        "0 skips the row)")
     p.add_argument("--epochs", type=count(1), help="epochs of every run (for smoke tests)")
     p.add_argument("--train-subset", type=count(1), help="train on this many examples (for smoke tests)")
     p.add_argument("--test-subset", type=count(1), help="evaluate on this many test examples")
@@ -47,7 +50,7 @@ PUBLISHED: Dict[str, Dict[str, str]] = {
 }
 ROWS = (("clean", "clean"), ("fgsm", "FGSM"), ("pgd40", "PGD-40, α = ε/10"),
         ("pgd40_small", "PGD-40, smaller step α = ε/40"), ("pgd40_random", "PGD-40, random start, restarts"),
-        ("ibp", "IBP-verified"), ("crown-ibp", "CROWN-IBP-verified"))
+        ("autoattack", "AutoAttack (standard)"), ("ibp", "IBP-verified"), ("crown-ibp", "CROWN-IBP-verified"))
 MODEL_TITLES = {"standard": "standard CNN", "pgd": "PGD-trained CNN", "certified": "certified-trained CNN"}
 
 # The tutorial's recipes as published: plain SGD at lr 0.1, batch 100, no random start, no IBP
@@ -95,9 +98,10 @@ def _reproduce_configs(args: argparse.Namespace):
 
 
 def _evaluate_all(model, test, eps: float, restarts: int, seed: int, device, quiet: bool,
-                  log: Callable[[str], None]) -> Dict[str, float]:
+                  log: Callable[[str], None], autoattack_examples: int) -> Dict[str, float]:
     """Every row of the tutorial's table for one model (errors as fractions)."""
     import torch
+    from ..attacks import autoattack
     from ..certify import verify
     from ..data import loader
     from ..runs import eval_batch_size
@@ -116,6 +120,13 @@ def _evaluate_all(model, test, eps: float, restarts: int, seed: int, device, qui
         r = evaluate(model, batches, eps=eps, device=device, quiet=quiet, **kwargs)
         results["clean"], results[key] = r["error"], r["adv_error"]
         log(f"  {key:<13} {100 * r['adv_error']:6.2f}%  ({time.perf_counter() - start:.1f}s)")
+    if autoattack_examples:
+        start = time.perf_counter()
+        x, y = (t[:autoattack_examples] for t in test.tensors)
+        results["autoattack"] = autoattack(model.eval(), x, y, eps, seed=seed,
+                                           batch_size=eval_batch_size(device)).robust_error
+        log(f"  {'autoattack':<13} {100 * results['autoattack']:6.2f}%  ({time.perf_counter() - start:.1f}s, "
+            f"{len(y)} images)")
     for method in ("ibp", "crown-ibp"):
         start = time.perf_counter()
         results[method] = verify(model, batches, eps, method=method, device=device, quiet=quiet).verified_error
@@ -130,6 +141,9 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     device = torch_device(args.device)
     root = Path(args.out)
     restarts = args.restarts or (3 if args.quick else 10)
+    autoattack_examples = args.autoattack_examples
+    if autoattack_examples is None:
+        autoattack_examples = 100 if args.quick else 10 ** 9
     runs = _reproduce_configs(args)
     for name, (_, _, config) in runs.items():  # refuse before training anything
         folder = root / name
@@ -144,6 +158,7 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     test = data[1]
     report: Dict[str, Any] = {"dataset": args.dataset, "train_examples": len(data[0]), "test_examples": len(test),
                               "eps": args.eps, "quick": args.quick, "device": str(device), "restarts": restarts,
+                              "autoattack_examples": min(autoattack_examples, len(test)),
                               "runs": {}}
     for name, (source, label, config) in runs.items():
         with locked(root / name) as folder:   # one writer from preparing the folder to the last epoch
@@ -158,7 +173,8 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
         _, model, _ = load_run(folder, device)
         out.progress(f"[{time.perf_counter() - started:5.0f}s] {name}: evaluating on {len(test)} test images")
         start = time.perf_counter()
-        results = _evaluate_all(model, test, args.eps, restarts, args.seed, device, args.quiet, out.progress)
+        results = _evaluate_all(model, test, args.eps, restarts, args.seed, device, args.quiet, out.progress,
+                                autoattack_examples)
         report["runs"][name] = {"source": source, "method": config.method, "config": config.to_json(),
                                 "results": results, "train_seconds": train_seconds,
                                 "eval_seconds": time.perf_counter() - start,
@@ -184,6 +200,12 @@ def _print_reproduce(report: Dict[str, Any], args: argparse.Namespace, out: Outp
         for key, row_title in ROWS:
             if key == "pgd40_random":
                 row_title = f"PGD-40, random start, {report['restarts']} restarts"
+            if key == "autoattack":
+                n = report.get("autoattack_examples", 0)
+                if not n:
+                    continue
+                if n < report["test_examples"]:
+                    row_title = f"AutoAttack (standard), first {n} images"
             row = [row_title, PUBLISHED[kind].get(key)]
             if recipe:
                 row.append(pct(recipe["results"][key]))
