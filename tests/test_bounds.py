@@ -144,17 +144,17 @@ def test_empty_batch_and_noncontiguous_input():
         torch.testing.assert_close(a, b)
 
 
-def test_unsupported_layer_names_class_and_index():
-    model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Tanh()), nn.Linear(4, 2))
-    with pytest.raises(TypeError, match=r"layer 3 \(Tanh\) is not supported.*Supported: Linear, Conv2d"):
+def test_unsupported_layer_names_node_target_and_what_is_supported():
+    model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.GELU()), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"node '_1_2' \(call_module 1.2: GELU\)\. Supported: Linear, Conv1d"):
         pyibp.interval_bounds(model, torch.rand(1, 4), 0.1)
-    with pytest.raises(TypeError, match="bounds nn.Sequential models; got"):
+    with pytest.raises(TypeError, match=r"pyibp cannot bound node '_0' \(call_module 0: LSTM\)"):
         pyibp.interval_bounds(nn.LSTM(2, 2), torch.rand(1, 2), 0.1)
 
 
 def test_batchnorm_in_training_mode_is_rejected():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).train()
-    with pytest.raises(ValueError, match=r"layer 2 \(BatchNorm1d\) is in training mode.*model.eval\(\)"):
+    with pytest.raises(ValueError, match=r"node '_2' \(call_module 2: BatchNorm1d\) is in training mode.*model.eval\(\)"):
         pyibp.interval_bounds(model, torch.rand(2, 4), 0.1)
 
 
@@ -217,8 +217,8 @@ def test_model_zoo_bounds_are_sound(name):
 
 def test_residual_with_an_unsupported_layer_names_the_branch():
     from pyibp.nn import Residual
-    model = nn.Sequential(nn.Flatten(), Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), nn.Linear(4, 2))
-    with pytest.raises(TypeError, match=r"layer 1 \(Residual\), branch body: layer 1 \(Tanh\) is not supported"):
+    model = nn.Sequential(nn.Flatten(), Residual(nn.Sequential(nn.Linear(4, 4), nn.GELU())), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"node '_1_body_1' \(call_module 1.body.1: GELU\)"):
         pyibp.interval_bounds(model, torch.rand(1, 4), 0.1)
 
 

@@ -1,0 +1,84 @@
+"""Validation of what the user passes to a bound: the input box, labels, devices."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+Eps = Union[float, Tensor]
+
+
+def _finite_range(name: str, t: Tensor) -> None:
+    if not torch.isfinite(t).all():
+        bad = t[~torch.isfinite(t)].flatten()[:3].tolist()
+        raise ValueError(f"{name} must be finite, got non-finite values such as {bad}")
+
+
+def per_example_tensor(name: str, value: Eps, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float or a tensor of one value per example of x's batch, as a tensor of shape () or (B,)
+    on x's device; ValueError naming ``name`` for a wrong shape or device."""
+    if not isinstance(value, Tensor):
+        return torch.tensor(float(value), dtype=dtype, device=x.device)
+    batch = x.shape[0]
+    if value.device != x.device:
+        raise ValueError(f"{name} is on {value.device} but x is on {x.device}; put both on one device")
+    if value.numel() != 1 and tuple(value.shape) != (batch,):
+        raise ValueError(f"{name} must be a float or a tensor of shape () or ({batch},), "
+                         f"got shape {tuple(value.shape)}")
+    return value.detach().to(dtype).reshape(-1 if value.numel() != 1 else ())
+
+
+def check_box(x: Tensor, eps: Eps, lower: float, upper: float) -> Tensor:
+    """Validates an input box and returns eps as a tensor of x's dtype: shape () or (B,).
+
+    Raises ValueError naming the bad value: non-floating x, NaN/inf, eps < 0, eps of the wrong
+    shape or device, lower > upper, or x outside [lower, upper].
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating-point tensor, got {got}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (B, ...) with a batch dimension, got {tuple(x.shape)}")
+    if not lower <= upper:
+        raise ValueError(f"lower ({lower}) must be <= upper ({upper})")
+    eps_t = per_example_tensor("eps", eps, x, x.dtype)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # data-dependent checks would break the graph
+        _finite_range("eps", eps_t)
+        if (eps_t < 0).any():
+            raise ValueError(f"eps must be >= 0, got {eps_t.min().item()}")
+        if x.numel():
+            # One pass: min and max propagate NaN, so finite extremes mean every value is finite.
+            x_min, x_max = (float(v) for v in torch.aminmax(x.detach()))
+            if not (math.isfinite(x_min) and math.isfinite(x_max)):
+                _finite_range("x", x)
+            if x_min < lower or x_max > upper:
+                raise ValueError(f"x has values in [{x_min:.4g}, {x_max:.4g}], outside the input domain "
+                                 f"[{lower}, {upper}]; pass lower=/upper= matching your data (e.g. -inf, "
+                                 "inf), or normalise inside the model with pyibp.nn.Normalize")
+    return eps_t
+
+
+def _check_model_device(model: nn.Module, x: Tensor) -> None:
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.device != x.device:
+            raise ValueError(f"model parameter {name!r} is on {p.device} but x is on {x.device}; "
+                             f"move one of them, e.g. model.to({str(x.device)!r})")
+        break
+
+
+def _check_labels(y: Tensor, x: Tensor, num_classes: Optional[int]) -> Tensor:
+    if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        got = y.dtype if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"y must be an integer tensor of class labels, got {got}")
+    if tuple(y.shape) != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},) to match x's batch, got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}; put both on one device")
+    if num_classes is not None and y.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels y must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+    return y
