@@ -151,7 +151,7 @@ def _name_of(target: Any) -> str:
     name = getattr(target, "__name__", repr(target))
     if name == "fn" and "boolean_dispatch" in getattr(target, "__qualname__", ""):
         name = "max_pool2d"
-    prefix = {"torch.nn.functional": "F.", "torch": "torch.", "_operator": "operator."}.get(module, "")
+    prefix = {"torch.nn.functional": "F.", "torch._C._nn": "F.", "torch": "torch.", "_operator": "operator."}.get(module, "")
     return prefix + name if prefix or not module else f"{module}.{name}"
 
 
@@ -311,7 +311,7 @@ def _classify_arithmetic(node: Node, name: str, bounded: List[bool]) -> None:
         raise _unsupported(node, "alpha= and rounding_mode= are not supported")
     if name == "neg":
         node.kind = "const_affine"
-        node.call = lambda x: (-1.0, None)
+        node.call = lambda: (-1.0, None)
         return
     is_bounded = [type(a) is Ref and bounded[a.index] for a in args]
     if all(is_bounded) and name in ("add", "sub"):
