@@ -100,6 +100,7 @@ class BoundGraph:
     nodes: List[Node]
     output: int
     last_linear: Optional[int]
+    frees: List[List[int]] = field(default_factory=list)   # frees[i]: bounded nodes last used by node i
 
     def relus(self) -> Iterator[Node]:
         return (n for n in self.nodes if n.kind == "relu")
@@ -425,7 +426,11 @@ def _capture(model: nn.Module) -> BoundGraph:
                         f"{type(model).__name__}.forward returns {type(result).__name__}")
     output = index[result]
     _mark_fusions(nodes)
-    return BoundGraph(nodes, output, _last_linear(nodes, output))
+    frees: List[List[int]] = [[] for _ in nodes]
+    for i, users in enumerate(_users(nodes)):
+        if users and nodes[i].kind != "const":
+            frees[max(users)].append(i)
+    return BoundGraph(nodes, output, _last_linear(nodes, output), frees)
 
 
 def _users(nodes: List[Node]) -> List[List[int]]:

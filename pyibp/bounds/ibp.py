@@ -130,9 +130,10 @@ def propagate(graph: BoundGraph, box: Pair, backend, *, dtype: Optional[torch.dt
             every shape); Linear/Conv and ReLU then run as two operators, since the
             pre-activation box is needed.
     Returns:
-        The value of every node, by index: a backend box for the bounded ones.
+        The value of every node, by index: a backend box for the bounded ones; a box is dropped
+        once its last user has run (memory), except the last node's inputs and the output.
     """
-    nodes = graph.nodes
+    nodes, frees = graph.nodes, graph.frees
     env: List[Any] = [None] * len(nodes)
     fuse = trace is None
     batch = box[0].shape[0]
@@ -152,6 +153,8 @@ def propagate(graph: BoundGraph, box: Pair, backend, *, dtype: Optional[torch.dt
         env[node.index] = value
         if trace is not None and kind != "const":
             trace.shapes[node.index] = tuple(value[0].shape[1:])
+        for j in frees[node.index]:
+            env[j] = None
     return env
 
 
