@@ -158,13 +158,14 @@ def run(args):
                 bwd = interleaved_medians({k: b for k, (_, b) in work.items()}, device, repeats=repeats)
                 model.zero_grad(set_to_none=True)
                 times = {k: (fwd[k], bwd[k], mem[k]) for k in work}
-                for label, (t_fwd, t_bwd, mem) in times.items():
+                for label in ("plain", "tutorial", "pyibp"):      # the graph-vs-sequential pairs: below
+                    t_fwd, t_bwd, peak = times[label]
                     row = {"device": device.type, "model": name, "batch": batch, "method": label,
                            "fwd_ms": 1e3 * t_fwd, "fwd_x_plain": t_fwd / times["plain"][0],
                            "fwd_speedup_vs_tutorial": times["tutorial"][0] / t_fwd,
                            "fwdbwd_ms": 1e3 * t_bwd, "fwdbwd_x_plain": t_bwd / times["plain"][1],
                            "fwdbwd_speedup_vs_tutorial": times["tutorial"][1] / t_bwd,
-                           "peak_fwd_MiB": mem / 2**20}
+                           "peak_fwd_MiB": peak / 2**20}
                     rows.append(row)
                     results.append(row)
                 for graph, seq in (("pyibp", "seq"), ("pyibp-crown", "seq-crown")):
@@ -173,14 +174,16 @@ def run(args):
                                    "graph_fwd_ms": 1e3 * fwd[graph], "seq_fwd_ms": 1e3 * fwd[seq],
                                    "fwd_graph_x_seq": fwd[graph] / fwd[seq],
                                    "graph_fwdbwd_ms": 1e3 * bwd[graph], "seq_fwdbwd_ms": 1e3 * bwd[seq],
-                                   "fwdbwd_graph_x_seq": bwd[graph] / bwd[seq]})
+                                   "fwdbwd_graph_x_seq": bwd[graph] / bwd[seq],
+                                   "graph_peak_fwd_MiB": mem[graph] / 2**20, "seq_peak_fwd_MiB": mem[seq] / 2**20})
             captures.append({"model": name, "capture_ms": capture_ms(model)})
     captures.append({"model": "torchvision-resnet18", "capture_ms": capture_ms(resnet18(num_classes=10))})
     print_table(rows, ["device", "model", "batch", "method", "fwd_ms", "fwd_x_plain", "fwd_speedup_vs_tutorial",
                        "fwdbwd_ms", "fwdbwd_x_plain", "fwdbwd_speedup_vs_tutorial", "peak_fwd_MiB"])
     print("\nGraph path vs the previous nn.Sequential path (same run, interleaved):")
     print_table(ratios, ["device", "model", "batch", "method", "graph_fwd_ms", "seq_fwd_ms", "fwd_graph_x_seq",
-                         "graph_fwdbwd_ms", "seq_fwdbwd_ms", "fwdbwd_graph_x_seq"])
+                         "graph_fwdbwd_ms", "seq_fwdbwd_ms", "fwdbwd_graph_x_seq", "graph_peak_fwd_MiB",
+                         "seq_peak_fwd_MiB"])
     print("\nFirst call: capture of the bound graph (once per model), excluded from the steady-state times above:")
     print_table(captures, ["model", "capture_ms"])
     print("\nx_plain: time / plain forward (or forward+backward) of the same model and batch; "

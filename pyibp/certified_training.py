@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bounds import Eps, _check_labels, _check_model_device, batch_statistics, check_box, margin_bounds
+from .bounds.checks import compute_dtype
 from .bounds.crown import _margin_pass
 from .bounds.graph import bound_graph
 from .distributed import syncs_gradients, unwrap
@@ -105,8 +106,8 @@ def _bounds(model: nn.Module, x: Tensor, y: Tensor, eps_t: Tensor, *, method: st
         ibp = margin_bounds(model, x, y, eps_t, lower=lower, upper=upper)
         return _robust_ce(ibp, y), ibp, None, []
     fused = use_crown and loss_fusion
-    p = _margin_pass(bound_graph(model), x, y, eps_t, lower, upper, None, crown=use_crown and not fused,
-                     fused=fused, boxes=record)
+    p = _margin_pass(bound_graph(model), x, y, eps_t, lower, upper, compute_dtype(model, x, None),
+                     crown=use_crown and not fused, fused=fused, boxes=record)
     if not use_crown:
         robust = _robust_ce(p.ibp, y)
     elif fused:

@@ -276,14 +276,12 @@ class Interval:
             return Interval(getattr(self.lo, name)(*args, **kwargs), getattr(self.hi, name)(*args, **kwargs))
         return method
 
-    view = reshape = flatten = permute = transpose = squeeze = unsqueeze = contiguous = mean = None
-    for _name in ("view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
-                  "mean"):
-        locals()[_name] = _both(_name)
-    relu = _both("relu")
-    sigmoid = _both("sigmoid")
-    tanh = _both("tanh")
-    del _name, _both
+    # shape methods and monotone methods act on both ends alike
+    view, reshape, flatten = _both("view"), _both("reshape"), _both("flatten")
+    permute, transpose, contiguous = _both("permute"), _both("transpose"), _both("contiguous")
+    squeeze, unsqueeze, mean = _both("squeeze"), _both("unsqueeze"), _both("mean")
+    relu, sigmoid, tanh = _both("relu"), _both("sigmoid"), _both("tanh")
+    del _both
 
     def size(self, *args):
         return self.lo.size(*args)

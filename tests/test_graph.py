@@ -365,3 +365,32 @@ def test_unsupported_forms_of_supported_ops_are_errors():
         pyibp.interval_bounds(CatBatch(), torch.rand(2, 4), 0.1)
     with pytest.raises(TypeError, match="negative_slope=-0.5"):
         pyibp.interval_bounds(nn.Sequential(nn.LeakyReLU(-0.5)), torch.rand(2, 4), 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# relaxations
+RELAXED = [nn.ReLU(), nn.LeakyReLU(0.2), nn.LeakyReLU(1.5), nn.ReLU6(), nn.Hardtanh(-0.5, 0.8), nn.ELU(),
+           nn.ELU(2.0), nn.Softplus(), nn.Softplus(beta=3.0), nn.Tanh(), nn.Sigmoid()]
+
+
+@pytest.mark.parametrize("module", RELAXED, ids=lambda m: repr(m))
+def test_relaxations_hold_on_every_kind_of_box(module):
+    from pyibp.bounds.relaxations import relaxation
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.cat([torch.randn(300, generator=gen, dtype=torch.float64) * 4,
+                        torch.tensor([0.0, -3.0, 3.0, 6.0, 0.8, -0.5], dtype=torch.float64)])
+    width = torch.cat([torch.rand(300, generator=gen, dtype=torch.float64) * 6,
+                       torch.tensor([0.0, 1e-9, 2.0, 0.5, 0.0, 4.0], dtype=torch.float64)])
+    lower, upper = centre - width / 2, centre + width / 2
+    a_low, b_low, a_up, b_up = relaxation(module, lower, upper)
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)[:, None]
+    z = lower + t * (upper - lower)
+    f = module(z)
+    assert (a_low * z + b_low <= f + 1e-9).all() and (f <= a_up * z + b_up + 1e-9).all()
+    # exact on a box where the function is linear
+    if isinstance(module, (nn.ReLU, nn.LeakyReLU, nn.Hardtanh)):
+        flat = (upper <= -1) | ((lower >= 1) & (upper <= 6) if isinstance(module, nn.ReLU6) else lower >= 1)
+        if isinstance(module, nn.Hardtanh) and not isinstance(module, nn.ReLU6):
+            flat = (upper <= module.min_val) | (lower >= module.max_val)
+        torch.testing.assert_close((a_low * z + b_low)[:, flat], f[:, flat])
+        torch.testing.assert_close((a_up * z + b_up)[:, flat], f[:, flat])

@@ -33,10 +33,10 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from .. import ops
-from .checks import Eps, _check_labels, _check_model_device, check_box
+from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, compute_dtype, domain
 from .graph import BoundGraph, affine_scale_shift, bound_graph, conv_params, linear_params, resolve
 from .ibp import (FusedBackend, Trace, _full_precision, _param, cat_dim, const_scale_shift, ibp_margins,
-                  mean_dims, pad_args)
+                  mean_dims, no_nan, pad_args)
 from .relaxations import relaxation
 
 __all__ = ["crown_ibp_margin_bounds", "crown_ibp_mixed_margins", "crown_ibp_robust_ce", "margin_pass", "MarginPass"]
@@ -99,7 +99,7 @@ class _ChannelsLastBackend(FusedBackend):
     same layout neither the ReLU steps nor the gradients need layout conversions; oneDNN's forward
     convolutions are also faster that way."""
 
-    def start(self, x: Tensor, eps: Tensor, lower: float, upper: float) -> Pair:
+    def start(self, x: Tensor, eps: Tensor, lower: Bound, upper: Bound) -> Pair:
         mu, rad = super().start(x, eps, lower, upper)
         if mu.dim() != 4:
             return mu, rad
@@ -305,8 +305,8 @@ def _b_conv(node, A, const, trace, dtype):
 
 
 def _b_affine(node, A, const, trace, dtype):
-    scale, shift = affine_scale_shift(node)
-    A, const = _back_affine(A, const, _param(scale, dtype), _param(shift, dtype))
+    scale, shift = affine_scale_shift(node, dtype)
+    A, const = _back_affine(A, const, scale, shift)
     return [(node.inputs[0], A)], const
 
 
@@ -428,7 +428,7 @@ def _spec_rows(y: Tensor, others: Tensor, num_classes: int, dtype: torch.dtype) 
     return rows.scatter_(2, others[..., None], -1.0)
 
 
-def _margin_pass(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: float, upper: float,
+def _margin_pass(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: Bound, upper: Bound,
                  dtype: Optional[torch.dtype], crown: bool, fused: bool = False, boxes: bool = True) -> MarginPass:
     """The work behind :func:`margin_pass`, on validated arguments. ``fused``: compute the
     loss-fusion bound ``fused_ce`` instead of the CROWN-IBP margins. ``boxes``: fill in
@@ -437,21 +437,21 @@ def _margin_pass(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: 
         return _margin_pass_full_precision(graph, x, y, eps_t, lower, upper, dtype, crown, fused, boxes)
 
 
-def _margin_pass_full_precision(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: float,
-                                upper: float, dtype: Optional[torch.dtype], crown: bool, fused: bool,
+def _margin_pass_full_precision(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: Bound,
+                                upper: Bound, dtype: Optional[torch.dtype], crown: bool, fused: bool,
                                 boxes: bool) -> MarginPass:
     if dtype is not None:
         x, eps_t = x.to(dtype), eps_t.to(dtype)
     y = y.long()
     backend = _ChannelsLastBackend() if crown or fused else FusedBackend()
-    box = backend.start(x, eps_t, float(lower), float(upper))
+    box = backend.start(x, eps_t, *domain(x, lower, upper))
     trace = Trace()
     ibp, state, last = ibp_margins(graph, box, backend, y, dtype, trace)
     batch, num_classes = ibp.shape
     pre_activations = [ops.center_to_interval(*trace.boxes[n.index]) for n in graph.relus()
                        if n.index in trace.boxes] if boxes else []
     if not (crown or fused):
-        return MarginPass(ibp, None, box, pre_activations)
+        return MarginPass(no_nan(ibp, -math.inf), None, box, pre_activations)
 
     others = _other_classes(y, num_classes)
     if last is not None:                     # C folded into the last Linear: rows W[y] - W[j]
@@ -480,10 +480,10 @@ def _margin_pass_full_precision(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: 
         # S <= e^scale (offset - low_bound), and S >= 1 (its j = y term), so the clamp only
         # removes rounding below the trivial bound.
         fused_ce = scale + torch.log(torch.maximum(offset - low_bound, torch.exp(-scale)))
-        return MarginPass(ibp, None, box, pre_activations, fused_ce)
+        return MarginPass(no_nan(ibp, -math.inf), None, box, pre_activations, no_nan(fused_ce, math.inf))
     bounds = _crown_bound(graph, trace, A, const, box, start, dtype)
     margins = ibp.new_zeros(batch, num_classes).scatter(1, others, bounds)
-    return MarginPass(ibp, margins, box, pre_activations)
+    return MarginPass(no_nan(ibp, -math.inf), no_nan(margins, -math.inf), box, pre_activations)
 
 
 def _crown_bound(graph: BoundGraph, trace: Trace, A: Tensor, const: Tensor, box: Pair, start: int,
@@ -532,18 +532,18 @@ def _exp_chords(low: Tensor, up: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return weights, offset, scale
 
 
-def _validated(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, lower: float, upper: float
-               ) -> Tuple[BoundGraph, Tensor]:
+def _validated(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, lower: Bound, upper: Bound,
+               dtype: Optional[torch.dtype]) -> Tuple[BoundGraph, Tensor, Optional[torch.dtype]]:
     graph = bound_graph(model)
     eps_t = check_box(x, eps, lower, upper)
     _check_model_device(model, x)
     _check_labels(y, x, None)
-    return graph, eps_t
+    return graph, eps_t, compute_dtype(model, x, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
-def margin_pass(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: float = 0.0, upper: float = 1.0,
+def margin_pass(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0, upper: Bound = 1.0,
                 dtype: Optional[torch.dtype] = None, crown: bool = True) -> MarginPass:
     """IBP margins, CROWN-IBP margins (when ``crown``) and the recorded boxes, from one IBP pass.
 
@@ -565,12 +565,12 @@ def margin_pass(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: floa
         >>> p.ibp.shape, p.crown.shape, len(p.pre_activations)
         (torch.Size([4, 10]), torch.Size([4, 10]), 1)
     """
-    graph, eps_t = _validated(model, x, y, eps, lower, upper)
+    graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
     return _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown)
 
 
-def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: float = 0.0,
-                            upper: float = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
+def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
+                            upper: Bound = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Lower bounds of ``logit_y - logit_j`` over the l∞ box around ``x`` by CROWN-IBP.
 
     IBP bounds the pre-activations of every ReLU; one CROWN backward pass from the specification
@@ -605,13 +605,13 @@ def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *,
         >>> bool((m >= pyibp.margin_bounds(model, x, y, 0.01) - 1e-6).all())
         True
     """
-    graph, eps_t = _validated(model, x, y, eps, lower, upper)
+    graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
     p = _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=True)
     return torch.maximum(p.crown, p.ibp)
 
 
 def crown_ibp_mixed_margins(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, beta: float, *,
-                            lower: float = 0.0, upper: float = 1.0, dtype: Optional[torch.dtype] = None
+                            lower: Bound = 0.0, upper: Bound = 1.0, dtype: Optional[torch.dtype] = None
                             ) -> Tensor:
     """The CROWN-IBP training bound ``beta * CROWN-IBP + (1 - beta) * IBP`` (Zhang et al. 2020, eq. 9).
 
@@ -639,8 +639,8 @@ def crown_ibp_mixed_margins(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, be
     return p.crown if beta == 1.0 else beta * p.crown + (1.0 - beta) * p.ibp
 
 
-def crown_ibp_robust_ce(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: float = 0.0,
-                        upper: float = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
+def crown_ibp_robust_ce(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
+                        upper: Bound = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Upper bounds of the worst-case cross-entropy ``max_{x' in box} CE(model(x'), y)`` by CROWN-IBP
     with loss fusion (Xu et al., "Automatic Perturbation Analysis for Scalable Certified Robustness
     and Beyond", NeurIPS 2020).
@@ -675,5 +675,5 @@ def crown_ibp_robust_ce(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, low
         >>> bool((ce >= F.cross_entropy(model(x), y, reduction="none") - 1e-6).all())
         True
     """
-    graph, eps_t = _validated(model, x, y, eps, lower, upper)
+    graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
     return _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=False, fused=True).fused_ce

@@ -602,15 +602,19 @@ def batch_statistics(model: nn.Module) -> Iterator[Dict[nn.Module, Tuple[Tensor,
             handle.remove()
 
 
-def affine_scale_shift(node: Node) -> Tuple[Tensor, Tensor]:
+def affine_scale_shift(node: Node, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """BatchNorm or Normalize as ``x * scale + shift`` per channel (C,): BatchNorm with its running
     statistics (eval mode), or inside :func:`batch_statistics` with the batch statistics recorded there.
+    ``dtype``: compute the map in this dtype from the layer's tensors cast to it (None: theirs).
 
     Raises ValueError for a BatchNorm with no fixed affine map (training mode, no running statistics).
     """
     layer = node.module
     if isinstance(layer, Normalize):
-        return layer.scale_shift()
+        if dtype is None:
+            return layer.scale_shift()
+        std, mean = layer.std.to(dtype), layer.mean.to(dtype)
+        return 1.0 / std, -mean / std
     stats = _BATCH_STATISTICS.get()
     recorded = stats is not None and layer in stats
     if layer.training:
@@ -620,18 +624,22 @@ def affine_scale_shift(node: Node) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"{node.describe()} has track_running_stats=False, so it has no fixed affine map to "
                          "bound; use track_running_stats=True (or train with batch statistics, "
                          "pyibp.batch_statistics)")
-    return batchnorm_scale_shift(layer)
+    return batchnorm_scale_shift(layer, dtype)
 
 
-def batchnorm_scale_shift(layer: nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tensor]:
+def batchnorm_scale_shift(layer: nn.modules.batchnorm._BatchNorm, dtype: Optional[torch.dtype] = None
+                          ) -> Tuple[Tensor, Tensor]:
     """BatchNorm as ``x * scale + shift`` per channel: with its running statistics (eval mode), or
-    inside :func:`batch_statistics` with the batch statistics recorded there."""
+    inside :func:`batch_statistics` with the batch statistics recorded there; in ``dtype`` if given."""
     stats = _BATCH_STATISTICS.get()
     mean, var = stats[layer] if stats is not None and layer in stats else (layer.running_mean, layer.running_var)
+    weight, bias = layer.weight, layer.bias
+    if dtype is not None:
+        mean, var, weight, bias = (t if t is None else t.to(dtype) for t in (mean, var, weight, bias))
     scale = (var + layer.eps).rsqrt()
-    if layer.weight is not None:
-        scale = scale * layer.weight
+    if weight is not None:
+        scale = scale * weight
     shift = -mean * scale
-    if layer.bias is not None:
-        shift = shift + layer.bias
+    if bias is not None:
+        shift = shift + bias
     return scale, shift

@@ -8,6 +8,7 @@ epilogue); the ``"torch"`` backend is the tutorial's lower/upper formulation in 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..precision import full_precision
-from .checks import Eps, _check_labels, _check_model_device, check_box
+from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, compute_dtype, domain
 from .graph import BoundGraph, Node, Ref, affine_scale_shift, bound_graph, conv_params, linear_params, resolve
 
 __all__ = ["interval_bounds", "margin_bounds", "propagate", "FusedBackend", "get_backend", "Trace"]
@@ -30,7 +31,10 @@ class FusedBackend:
 
     name = "fused"
 
-    def start(self, x: Tensor, eps: Tensor, lower: float, upper: float) -> Pair:
+    def start(self, x: Tensor, eps: Tensor, lower: Bound, upper: Bound) -> Pair:
+        if isinstance(lower, Tensor) or isinstance(upper, Tensor):     # a domain per channel or element
+            e = eps.reshape((-1,) + (1,) * (x.dim() - 1)) if eps.dim() else eps
+            return ops.interval_to_center(torch.clamp(x - e, min=lower), torch.clamp(x + e, max=upper))
         return ops.input_box(x, eps, lower, upper)
 
     def linear(self, s: Pair, weight: Tensor, bias: Optional[Tensor], relu: bool) -> Pair:
@@ -183,10 +187,18 @@ def _rest(node: Node, env: List[Any]) -> Tuple[tuple, dict]:
     return resolve(node.args[1:], env), resolve(node.kwargs, env)
 
 
+def _expects(node: Node, shape: Tuple[int, ...], expected: str, unbatched: bool) -> ValueError:
+    hint = "; was x passed without its batch dimension? Pass x.unsqueeze(0)" if unbatched else ""
+    return ValueError(f"{node.describe()} expects inputs of shape {expected}, got a box of shape {shape}{hint}")
+
+
 def _linear(node, env, backend, dtype, fuse, trace):
     weight, bias = linear_params(node, env)
     weight, bias = _param(weight, dtype), _param(bias, dtype)
     state = _input(node, env)
+    if state[0].shape[-1] != weight.shape[1]:
+        raise _expects(node, tuple(state[0].shape), f"(B, ..., {weight.shape[1]})",
+                       state[0].shape[1:].numel() * state[0].shape[0] == weight.shape[1])
     lead = state[0].shape[:-1]
     if len(lead) != 1:  # a Linear acts on the last dimension of any shape
         state = backend.reshape(state, lambda t: t.reshape(-1, t.shape[-1]))
@@ -200,6 +212,10 @@ def _conv(node, env, backend, dtype, fuse, trace):
     p = conv_params(node, env)
     weight, bias, state = _param(p.weight, dtype), _param(p.bias, dtype), _input(node, env)
     stride, padding, dilation = p.stride, p.padding, p.dilation
+    if state[0].dim() != weight.dim() or state[0].shape[1] != weight.shape[1] * p.groups:
+        spatial = "H, W" if weight.dim() == 4 else "L"
+        raise _expects(node, tuple(state[0].shape), f"(B, {weight.shape[1] * p.groups}, {spatial})",
+                       state[0].dim() == weight.dim() - 1)
     one_d = weight.dim() == 3
     if one_d:     # Conv1d as a Conv2d over a height of 1
         state = backend.reshape(state, lambda t: t.unsqueeze(2))
@@ -209,8 +225,8 @@ def _conv(node, env, backend, dtype, fuse, trace):
 
 
 def _affine(node, env, backend, dtype, fuse, trace):
-    scale, shift = affine_scale_shift(node)
-    return backend.affine(_input(node, env), _param(scale, dtype), _param(shift, dtype))
+    scale, shift = affine_scale_shift(node, dtype)
+    return backend.affine(_input(node, env), scale, shift)
 
 
 def _relu(node, env, backend, dtype, fuse, trace):
@@ -311,13 +327,20 @@ _RULES = {"linear": _linear, "conv": _conv, "affine": _affine, "relu": _relu, "a
 
 # ---------------------------------------------------------------------------------------------
 # public API
+def no_nan(t: Tensor, fill: float) -> Tensor:
+    """``t`` with NaN replaced by ``fill`` (-inf for a lower bound, +inf for an upper one): where the
+    arithmetic overflowed (an unbounded domain with a huge eps: inf - inf), the sound bound is the
+    trivial one, never NaN."""
+    return torch.where(torch.isnan(t), torch.full_like(t, fill), t)
+
+
 def _full_precision(x: Tensor):
     """Bounds are never computed in reduced precision (autocast, TF32, bf16 fp32-modes): a bf16 or
     TF32 bound is not a bound of the float32 network (see :mod:`pyibp.precision`)."""
     return full_precision(x.device.type)
 
 
-def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: float = 0.0, upper: float = 1.0,
+def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: Bound = 0.0, upper: Bound = 1.0,
                     backend: str = "fused", dtype: Optional[torch.dtype] = None) -> Pair:
     """Guaranteed lower and upper bounds of ``model``'s output over the l∞ box around ``x``.
 
@@ -330,8 +353,11 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: float = 0.0
             ``torch.cat``, residual ``+``, torchvision's ResNets, ...), in eval mode.
         x: (B, *) inputs inside [lower, upper].
         eps: radius, a float or a tensor of shape () or (B,) (one per example).
+        lower, upper: the input domain: floats, or tensors of one value per channel (C,) or
+            broadcastable to x (the domain of normalised data).
         backend: ``"fused"`` (pyibp's operators) or ``"torch"`` (the tutorial's formulas).
-        dtype: compute in this dtype (e.g. torch.float64 for verification); default x's dtype.
+        dtype: compute in this dtype (e.g. torch.float64 for verification); default the model's
+            (float32 for a half or bfloat16 model or x, as under autocast).
     Returns:
         ``(lb, ub)``, each of the model's output shape, e.g. (B, n_classes).
 
@@ -344,16 +370,18 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: float = 0.0
     graph = bound_graph(model)
     eps_t = check_box(x, eps, lower, upper)
     _check_model_device(model, x)
+    dtype = compute_dtype(model, x, dtype)
     be = get_backend(backend)
     if dtype is not None:
         x, eps_t = x.to(dtype), eps_t.to(dtype)
     with _full_precision(x):
-        env = propagate(graph, be.start(x, eps_t, float(lower), float(upper)), be, dtype=dtype)
-        return be.bounds(env[graph.output])
+        env = propagate(graph, be.start(x, eps_t, *domain(x, lower, upper)), be, dtype=dtype)
+        lb, ub = be.bounds(env[graph.output])
+        return no_nan(lb, -math.inf), no_nan(ub, math.inf)
 
 
-def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: float = 0.0,
-                  upper: float = 1.0, method: str = "ibp", backend: str = "fused",
+def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
+                  upper: Bound = 1.0, method: str = "ibp", backend: str = "fused",
                   dtype: Optional[torch.dtype] = None) -> Tensor:
     """Lower bounds of the margins ``logit_y - logit_j`` over the l∞ box around ``x``.
 
@@ -383,12 +411,13 @@ def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: fl
     if method == "crown-ibp":
         from .crown import crown_ibp_margin_bounds
         return crown_ibp_margin_bounds(model, x, y, eps_t, lower=lower, upper=upper, dtype=dtype)
+    dtype = compute_dtype(model, x, dtype)
     be = get_backend(backend)
     if dtype is not None:
         x, eps_t = x.to(dtype), eps_t.to(dtype)
     with _full_precision(x):
-        box = be.start(x, eps_t, float(lower), float(upper))
-        return ibp_margins(graph, box, be, y, dtype)[0]
+        box = be.start(x, eps_t, *domain(x, lower, upper))
+        return no_nan(ibp_margins(graph, box, be, y, dtype)[0], -math.inf)
 
 
 def ibp_margins(graph: BoundGraph, box: Pair, backend, y: Tensor, dtype: Optional[torch.dtype],
