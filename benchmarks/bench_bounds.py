@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyibp  # noqa: E402
 from common import devices, interleaved_medians, peak_bytes, print_table, write_json  # noqa: E402
 from pyibp.bounds import crown as crown_engine  # noqa: E402
+from pyibp.bounds.checks import _check_labels, _check_model_device, check_box  # noqa: E402
 from pyibp.bounds.graph import ConvParams, _capture  # noqa: E402
 from pyibp.bounds.ibp import FusedBackend  # noqa: E402
 from pyibp.models import cifar_cnn, tutorial_cnn  # noqa: E402
@@ -87,9 +88,14 @@ def sequential_margins(model: nn.Sequential, x, y, eps: float, crown: bool):
     """Margins as pyibp computed them before the bound graph (IBP with last-layer elision, or
     CROWN-IBP), for the layer types of the benchmark's models."""
     layers, last = list(model)[:-1], model[-1]
+    # the checks every bound ran before (flatten_layers' per-layer checks, box, device, labels)
+    assert all(isinstance(m, (nn.Conv2d, nn.Linear, nn.ReLU, nn.Flatten)) for m in model)
+    eps_t = check_box(x, eps, 0.0, 1.0)
+    _check_model_device(model, x)
+    _check_labels(y, x, None)
     with full_precision(x.device.type):
         backend = crown_engine._ChannelsLastBackend() if crown else FusedBackend()
-        box = backend.start(x, torch.tensor(eps), 0.0, 1.0)
+        box = backend.start(x, eps_t, 0.0, 1.0)
         boxes, shapes = ({} if crown else None), []
         state = _seq_ibp(layers, box, backend, not crown, boxes, shapes)
         ibp = backend.margins(state, last.weight, last.bias, y)

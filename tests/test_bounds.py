@@ -156,7 +156,8 @@ def test_unsupported_layer_names_node_target_and_what_is_supported():
 
 def test_batchnorm_in_training_mode_is_rejected():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).train()
-    with pytest.raises(ValueError, match=r"node '_2' \(call_module 2: BatchNorm1d\) is in training mode.*model.eval\(\)"):
+    message = r"node '_2' \(call_module 2: BatchNorm1d\) is in training mode.*model.eval\(\)"
+    with pytest.raises(ValueError, match=message):
         pyibp.interval_bounds(model, torch.rand(2, 4), 0.1)
 
 

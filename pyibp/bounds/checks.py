@@ -1,6 +1,7 @@
 """Validation of what the user passes to a bound: the input box, labels, devices."""
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Tuple, Union
 
@@ -138,7 +139,7 @@ def _check_tensor_box(x: Tensor, eps: Eps, lower: Bound, upper: Bound) -> Tensor
 
 
 def _check_model_device(model: nn.Module, x: Tensor) -> None:
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
         if p.device != x.device:
             raise ValueError(f"model parameter {name!r} is on {p.device} but x is on {x.device}; "
                              f"move one of them, e.g. model.to({str(x.device)!r})")

@@ -5,7 +5,8 @@ Two passes over the bound graph (:mod:`pyibp.bounds.graph`):
 
 1. **IBP forward** (:func:`pyibp.bounds.ibp.propagate`), recording the box in front of every ReLU,
    MaxPool and other activation: the pre-activation bounds ``[l, u]`` the relaxations need.
-2. **One CROWN backward pass** (:func:`_backward`, one rule per node kind) from the margin specification. Row j of ``C`` is ``e_y - e_j``; it is
+2. **One CROWN backward pass** (:func:`_backward`, one rule per node kind) from the margin
+   specification. Row j of ``C`` is ``e_y - e_j``; it is
    folded into the last Linear (``A = W[y] - W[j]``) and pushed back to the input as a linear
    function ``Λ x + c`` that lower-bounds the margin on the whole box. Each layer maps ``A`` to
    ``A W`` (Linear), ``conv_transpose2d(A, W)`` (Conv2d), ``A⁺ s_low + A⁻ s_up`` (ReLU, with the
@@ -35,8 +36,8 @@ from torch.nn.modules.utils import _pair
 from .. import ops
 from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, compute_dtype, domain
 from .graph import BoundGraph, affine_scale_shift, bound_graph, conv_params, linear_params, resolve
-from .ibp import (FusedBackend, Trace, _full_precision, _param, cat_dim, const_scale_shift, ibp_margins,
-                  mean_dims, no_nan, pad_args)
+from .ibp import (FusedBackend, Trace, _full_precision, _param, cat_dim, const_scale_shift, ibp_margin_bounds,
+                  ibp_margins, mean_dims, no_nan, pad_args)
 from .relaxations import relaxation
 
 __all__ = ["crown_ibp_margin_bounds", "crown_ibp_mixed_margins", "crown_ibp_robust_ce", "margin_pass", "MarginPass"]
@@ -633,8 +634,7 @@ def crown_ibp_mixed_margins(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, be
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     if beta == 0.0:
-        from .ibp import margin_bounds
-        return margin_bounds(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
+        return ibp_margin_bounds(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
     p = margin_pass(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
     return p.crown if beta == 1.0 else beta * p.crown + (1.0 - beta) * p.ibp
 

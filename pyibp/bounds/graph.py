@@ -152,7 +152,8 @@ def _name_of(target: Any) -> str:
     name = getattr(target, "__name__", repr(target))
     if name == "fn" and "boolean_dispatch" in getattr(target, "__qualname__", ""):
         name = "max_pool2d"
-    prefix = {"torch.nn.functional": "F.", "torch._C._nn": "F.", "torch": "torch.", "_operator": "operator."}.get(module, "")
+    prefixes = {"torch.nn.functional": "F.", "torch._C._nn": "F.", "torch": "torch.", "_operator": "operator."}
+    prefix = prefixes.get(module, "")
     return prefix + name if prefix or not module else f"{module}.{name}"
 
 
@@ -183,12 +184,14 @@ _RESHAPES = _functions(((torch.flatten, torch.reshape, torch.squeeze, torch.unsq
                        ((torch.permute, torch.transpose, operator.getitem), "index"))
 _RESHAPE_METHODS = {"view": "reshape", "reshape": "reshape", "flatten": "reshape", "squeeze": "reshape",
                     "unsqueeze": "reshape", "contiguous": "identity", "permute": "index", "transpose": "index"}
-_ARITHMETIC = _functions(((operator.add, operator.iadd, torch.add), "add"), ((operator.sub, operator.isub, torch.sub), "sub"),
+_ARITHMETIC = _functions(((operator.add, operator.iadd, torch.add), "add"),
+                         ((operator.sub, operator.isub, torch.sub), "sub"),
                          ((operator.mul, operator.imul, torch.mul), "mul"),
                          ((operator.truediv, operator.itruediv, torch.div), "div"), ((operator.neg, torch.neg), "neg"))
 _ARITHMETIC_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul",
                        "div": "div", "div_": "div", "neg": "neg", "neg_": "neg"}
 _METADATA_METHODS = ("size", "dim")
+_METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim")
 
 
 def _module_kind(module: nn.Module) -> Optional[str]:
@@ -295,7 +298,7 @@ def _classify(node: Node, bounded: List[bool]) -> None:
     if op == "call_method" and target in _METADATA_METHODS:
         node.kind, node.call = "const", getattr(Tensor, target)
         return
-    if op == "call_function" and target is getattr and len(args) == 2 and args[1] in ("shape", "dtype", "device", "ndim"):
+    if op == "call_function" and target is getattr and len(args) == 2 and args[1] in _METADATA_ATTRIBUTES:
         node.kind, node.call = "const", target
         return
     arithmetic = (_ARITHMETIC.get(target) if op == "call_function" else
@@ -462,8 +465,16 @@ def _last_linear(nodes: List[Node], output: int) -> Optional[int]:
 
 
 def _structure(model: nn.Module) -> tuple:
-    """What a captured graph depends on: the module tree (names, objects, types, forward methods)."""
-    return tuple((name, id(m), type(m), m.__dict__.get("forward")) for name, m in model.named_modules())
+    """What a captured graph depends on: the module tree (its names, objects, types and forward
+    methods), walked through ``_modules`` directly (``named_modules`` costs several times more,
+    and this runs on every bound)."""
+    key, stack = [], [model]
+    while stack:
+        m = stack.pop()
+        children = m._modules
+        key.append((id(m), type(m), m.__dict__.get("forward"), tuple(children)))
+        stack.extend(c for c in children.values() if c is not None)
+    return tuple(key)
 
 
 class _Captured:

@@ -1,4 +1,4 @@
-"""Interval bound propagation over a bound graph: :func:`interval_bounds`, :func:`margin_bounds`.
+"""Interval bound propagation over a bound graph: :func:`interval_bounds`, :func:`ibp_margin_bounds`.
 
 The walk over the graph is written once (:func:`propagate`), one rule per node kind; *how* an
 interval passes through an op is a backend. The fused backend carries the box as centre and
@@ -21,7 +21,7 @@ from ..precision import full_precision
 from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, compute_dtype, domain
 from .graph import BoundGraph, Node, Ref, affine_scale_shift, bound_graph, conv_params, linear_params, resolve
 
-__all__ = ["interval_bounds", "margin_bounds", "propagate", "FusedBackend", "get_backend", "Trace"]
+__all__ = ["interval_bounds", "ibp_margin_bounds", "propagate", "FusedBackend", "get_backend", "Trace"]
 
 Pair = Tuple[Tensor, Tensor]
 
@@ -380,37 +380,29 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: Bound = 0.0
         return no_nan(lb, -math.inf), no_nan(ub, math.inf)
 
 
-def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
-                  upper: Bound = 1.0, method: str = "ibp", backend: str = "fused",
-                  dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Lower bounds of the margins ``logit_y - logit_j`` over the l∞ box around ``x``.
+def ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
+                      upper: Bound = 1.0, backend: str = "fused", dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Lower bounds of the margins ``logit_y - logit_j`` over the l∞ box around ``x``, by IBP:
+    :func:`pyibp.margin_bounds` with ``method="ibp"``.
 
-    A point is *verified* when every entry with ``j != y`` is > 0. With IBP, the margin
-    specification is folded into a final Linear layer (last-layer elision), which is tighter
-    than subtracting logit bounds. ``method="crown-ibp"`` uses
-    :func:`pyibp.bounds.crown.crown_ibp_margin_bounds` (IBP for the intermediate layers, a CROWN
-    backward pass for the margins): never looser.
+    The margin specification is folded into a final Linear layer (last-layer elision), which is
+    tighter than subtracting logit bounds.
 
     Args:
-        model: as for :func:`interval_bounds`.
+        model, lower, upper, backend, dtype: as for :func:`interval_bounds`.
         x: (B, *) inputs in [lower, upper].  y: (B,) integer labels.  eps: float, () or (B,).
     Returns:
         (B, n_classes), 0 at j = y.
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-        >>> m = margin_bounds(model, torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]), 0.01)
+        >>> m = ibp_margin_bounds(model, torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]), 0.01)
         >>> verified = (m + torch.eye(10)[[0, 1, 2, 3]] * 1e9 > 0).all(1)
     """
-    if method not in ("ibp", "crown-ibp"):
-        raise ValueError(f"method must be 'ibp' or 'crown-ibp', got {method!r}")
     graph = bound_graph(model)
     eps_t = check_box(x, eps, lower, upper)
     _check_model_device(model, x)
     _check_labels(y, x, None)
-    if method == "crown-ibp":
-        from .crown import crown_ibp_margin_bounds
-        return crown_ibp_margin_bounds(model, x, y, eps_t, lower=lower, upper=upper, dtype=dtype)
     dtype = compute_dtype(model, x, dtype)
     be = get_backend(backend)
     if dtype is not None:
