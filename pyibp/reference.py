@@ -195,7 +195,7 @@ class Interval:
         self.lo, self.hi = lo, hi
 
     # monotone non-decreasing functions of one bounded argument: f(lo), f(hi)
-    _MONOTONE = {F.relu, torch.relu, F.leaky_relu, F.relu6, F.hardtanh, F.elu, F.softplus, torch.tanh, F.tanh,
+    _MONOTONE = {F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.relu6, F.hardtanh, F.elu, F.softplus, torch.tanh, F.tanh,
                  torch.sigmoid, F.sigmoid, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean,
                  torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                  F.pad}
@@ -267,6 +267,8 @@ class Interval:
 
     def __neg__(self):
         return Interval(-self.hi, -self.lo)
+
+    add, sub, mul, div, neg = __add__, __sub__, __mul__, __truediv__, __neg__
 
     def __getitem__(self, index):
         return Interval(self.lo[index], self.hi[index])

@@ -394,3 +394,63 @@ def test_relaxations_hold_on_every_kind_of_box(module):
             flat = (upper <= module.min_val) | (lower >= module.max_val)
         torch.testing.assert_close((a_low * z + b_low)[:, flat], f[:, flat])
         torch.testing.assert_close((a_up * z + b_up)[:, flat], f[:, flat])
+
+
+class AllForms(nn.Module):
+    """Each op in its functional, torch.*, method and inplace forms."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(6) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(10, 24) * 0.3)
+        self.register_buffer("shift", torch.randn(1, 6, 1, 1) * 0.1)
+
+    def forward(self, x):
+        z = F.conv2d(x, self.w1, self.b1, stride=1, padding=1)           # (B, 6, 8, 8)
+        z = F.relu(z)
+        z = torch.add(z, self.shift).mul(2.0).div(3.0) - 0.1
+        a = F.leaky_relu(z, 0.2) + F.relu6(z) - F.hardtanh(z, -0.5, 0.8)
+        b = torch.tanh(F.elu(z)) + torch.sigmoid(F.softplus(z)).sigmoid() + z.tanh()
+        z = F.max_pool2d(a, 2) + F.avg_pool2d(-b, 2, stride=2)           # (B, 6, 4, 4)
+        z = z.permute(0, 2, 3, 1).contiguous().transpose(1, 3)          # (B, 6, 4, 4) reordered
+        z = F.dropout(z, 0.5, training=False)
+        z = torch.mean(z, dim=2, keepdim=True).squeeze(2)               # (B, 6, 4)
+        z = torch.unsqueeze(z, 1)[:, 0, 1:5]                            # (B, 4, 4)
+        z = torch.cat([z, F.adaptive_avg_pool2d(a, 2).flatten(2)[:, :2]], 1)   # (B, 6, 4)
+        z = torch.relu(1.0 - z).reshape(z.shape[0], -1)                 # (B, 24)
+        return F.linear(z, self.w2)
+
+
+def test_every_form_of_every_op_matches_the_reference_and_crown_is_sound():
+    torch.manual_seed(0)
+    model = AllForms().double().eval()
+    graph = pyibp.bound_graph(model)
+    assert all(n.kind != "const" or not n.inputs or n.call is not None for n in graph.nodes)
+    x, y = torch.rand(3, 3, 8, 8, dtype=torch.float64), torch.tensor([1, 4, 9])
+    for eps in (0.0, 0.02):
+        lb, ub = pyibp.interval_bounds(model, x, eps)
+        ref_lb, ref_ub = interval_forward_ref(model, x, eps)
+        torch.testing.assert_close(lb, ref_lb, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ub, ref_ub, rtol=1e-10, atol=1e-10)
+        points = sample_box(x, torch.tensor(eps, dtype=torch.float64), 200)
+        with torch.no_grad():
+            out = model(points.flatten(0, 1)).reshape(200, 3, -1)
+        p = margin_pass(model, x, y, eps)
+        assert (p.crown <= _true_margins(out, y) + 1e-9).all()
+        assert (pyibp.crown_ibp_robust_ce(model, x, y, eps) >= F.cross_entropy(
+            out.flatten(0, 1), y.repeat(200), reduction="none").view(200, 3) - 1e-9).all()
+    torch.testing.assert_close(p.crown if eps == 0 else margin_pass(model, x, y, 0.0).crown,
+                               _true_margins(model(x)[None], y)[0])
+
+
+def test_verify_and_robustness_report_on_a_graph():
+    from pyibp.certify import robustness_report, verify
+    model = _build("residual", torch.float32)
+    x, y = _data("residual", batch=6, dtype=torch.float32)
+    result = verify(model, [(x, y)], 0.001, method="crown-ibp")
+    assert result.verified.shape == (6,) and not (result.verified & ~result.correct).any()
+    report = robustness_report(model, [(x, y)], 0.001, pgd_steps=3)
+    assert report["contradictions"] == 0
+    assert report["clean_error"] <= report["pgd_error"] <= report["verified_error"]["crown-ibp"]
+    assert report["verified_error"]["crown-ibp"] <= report["verified_error"]["ibp"]
