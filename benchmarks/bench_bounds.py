@@ -98,6 +98,7 @@ def sequential_margins(model: nn.Sequential, x, y, eps: float, crown: bool):
         box = backend.start(x, eps_t, 0.0, 1.0)
         boxes, shapes = ({} if crown else None), []
         state = _seq_ibp(layers, box, backend, not crown, boxes, shapes)
+        _check_labels(y, x, last.out_features)
         ibp = backend.margins(state, last.weight, last.bias, y)
         if not crown:
             return ibp

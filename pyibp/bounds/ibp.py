@@ -331,7 +331,7 @@ def no_nan(t: Tensor, fill: float) -> Tensor:
     """``t`` with NaN replaced by ``fill`` (-inf for a lower bound, +inf for an upper one): where the
     arithmetic overflowed (an unbounded domain with a huge eps: inf - inf), the sound bound is the
     trivial one, never NaN."""
-    return torch.where(torch.isnan(t), torch.full_like(t, fill), t)
+    return torch.nan_to_num(t, nan=fill, posinf=math.inf, neginf=-math.inf)
 
 
 def _full_precision(x: Tensor):
