@@ -163,6 +163,9 @@ class TutorialBackend:
     def bounds(self, s: Pair) -> Pair:
         return s
 
+    def from_bounds(self, lower: Tensor, upper: Tensor) -> Pair:
+        return lower, upper
+
     def margins(self, s: Pair, weight: Tensor, bias: Optional[Tensor], labels: Tensor) -> Tensor:
         """The tutorial's ``interval_based_bound``, with one specification C per example."""
         l, u = s

@@ -454,3 +454,46 @@ def test_verify_and_robustness_report_on_a_graph():
     assert report["contradictions"] == 0
     assert report["clean_error"] <= report["pgd_error"] <= report["verified_error"]["crown-ibp"]
     assert report["verified_error"]["crown-ibp"] <= report["verified_error"]["ibp"]
+
+
+class LogSoftmaxNet(nn.Module):
+    """pytorch/examples' MNIST classifier shape: F.max_pool2d(F.relu(conv)), view, log_softmax."""
+
+    def __init__(self, final: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc1, self.fc2 = nn.Linear(4 * 5 * 5, 16), nn.Linear(16, 10)
+        self.final = final
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), (2, 2))
+        x = F.dropout(F.relu(self.fc1(x.view(-1, 4 * 5 * 5))), training=self.training)
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=1) if self.final else x
+
+
+def test_a_final_log_softmax_keeps_the_margins_of_the_logits():
+    torch.manual_seed(0)
+    model = LogSoftmaxNet().double().eval()
+    logits = LogSoftmaxNet(final=False).double().eval()
+    logits.load_state_dict(model.state_dict())
+    x, y = _data("log-softmax", batch=4)
+    assert pyibp.bound_graph(model).nodes[pyibp.bound_graph(model).last_linear].name == "fc2"
+    for method in ("ibp", "crown-ibp"):
+        torch.testing.assert_close(pyibp.margin_bounds(model, x, y, 0.02, method=method),
+                                   pyibp.margin_bounds(logits, x, y, 0.02, method=method))
+    torch.testing.assert_close(pyibp.crown_ibp_robust_ce(model, x, y, 0.02),
+                               pyibp.crown_ibp_robust_ce(logits, x, y, 0.02))
+    lb, ub = pyibp.interval_bounds(model, x, 0.02)
+    with torch.no_grad():
+        out = model(sample_box(x, torch.tensor(0.02, dtype=torch.float64), 300).flatten(0, 1)).view(300, 4, 10)
+    assert (out >= lb - 1e-9).all() and (out <= ub + 1e-9).all() and (ub <= 0).all()
+    exact = pyibp.interval_bounds(model, x, 0.0)
+    torch.testing.assert_close(exact[0], model(x))
+    torch.testing.assert_close(exact[1], model(x))
+
+
+def test_a_log_softmax_inside_the_model_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LogSoftmax(1), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"log_softmax is supported as the model's last op only"):
+        pyibp.interval_bounds(model, torch.rand(2, 4), 0.1)

@@ -461,7 +461,7 @@ def _margin_pass_full_precision(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: 
         A = weight[y][:, None, :] - weight[others]
         const = (bias[y][:, None] - bias[others]) if bias is not None else A.new_zeros(others.shape)
     else:
-        start = graph.output
+        start = graph.logits
         A = _spec_rows(y, others, num_classes, ibp.dtype).reshape(others.shape + trace.shapes[start])
         const = A.new_zeros(others.shape)
     if fused:

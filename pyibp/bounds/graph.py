@@ -33,11 +33,12 @@ __all__ = ["bound_graph", "BoundGraph", "Node", "batch_statistics", "batchnorm_s
 
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.Softplus, nn.Tanh, nn.Sigmoid)
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
-                    nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, Normalize) + ACTIVATIONS
+                    nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, Normalize,
+                    nn.LogSoftmax) + ACTIVATIONS
 SUPPORTED_FUNCTIONS = ("+, - of two bounded tensors; + - * / by constants, parameters and buffers; "
                        "F.linear, F.conv1d, F.conv2d, F.relu, F.leaky_relu, F.relu6, F.hardtanh, F.elu, F.softplus, "
                        "torch.tanh, torch.sigmoid (and their inplace forms), F.max_pool2d, F.avg_pool2d, "
-                       "F.adaptive_avg_pool2d, F.pad (constant), F.dropout, torch.cat, torch.flatten, torch.reshape, "
+                       "F.adaptive_avg_pool2d, F.pad (constant), F.dropout, F.log_softmax (as the last op), torch.cat, torch.flatten, torch.reshape, "
                        "torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.mean, indexing/slicing "
                        "(not of the batch dimension); methods view, reshape, flatten, permute, transpose, squeeze, "
                        "unsqueeze, contiguous, mean, relu, sigmoid, tanh, add, sub, mul, div, neg, size, dim")
@@ -93,12 +94,15 @@ class Ref:
 
 @dataclass
 class BoundGraph:
-    """The captured DAG. ``output``: the index of the node the model returns. ``last_linear``: the
-    index of a final Linear whose output is returned (through Identity/Dropout only), into which
-    the margin specification is folded, or None."""
+    """The captured DAG. ``output``: the index of the node the model returns. ``logits``: the node
+    whose margins are the output's: the output, or the input of a final ``log_softmax`` (which
+    shifts every logit by the same amount). ``last_linear``: the index of a final Linear whose
+    output is the logits (through Identity/Dropout only), into which the margin specification is
+    folded, or None."""
 
     nodes: List[Node]
     output: int
+    logits: int
     last_linear: Optional[int]
     frees: List[List[int]] = field(default_factory=list)   # frees[i]: bounded nodes last used by node i
 
@@ -215,6 +219,8 @@ def _module_kind(module: nn.Module) -> Optional[str]:
         return "reshape"
     if isinstance(module, (nn.Dropout, nn.Identity)):
         return "identity"
+    if isinstance(module, nn.LogSoftmax):
+        return "log_softmax"
     return None
 
 
@@ -288,6 +294,10 @@ def _classify(node: Node, bounded: List[bool]) -> None:
             raise _unsupported(node, f"only F.pad(x, pad, mode='constant', value=v) of the input is supported, "
                                      f"got mode={mode!r}")
         node.kind = "pad"
+        return
+    if (op == "call_function" and target in (F.log_softmax, torch.log_softmax)) or (
+            op == "call_method" and target == "log_softmax"):
+        node.kind = "log_softmax"
         return
     if (op == "call_function" and target is torch.mean) or (op == "call_method" and target == "mean"):
         node.kind = "mean"
@@ -433,7 +443,21 @@ def _capture(model: nn.Module) -> BoundGraph:
     for i, users in enumerate(_users(nodes)):
         if users and nodes[i].kind != "const":
             frees[max(users)].append(i)
-    return BoundGraph(nodes, output, _last_linear(nodes, output), frees)
+    logits = _logits(nodes, output)
+    return BoundGraph(nodes, output, logits, _last_linear(nodes, logits), frees)
+
+
+def _logits(nodes: List[Node], output: int) -> int:
+    """The output, or the input of a final log_softmax; a log_softmax anywhere else is refused."""
+    i = output
+    while nodes[i].kind == "identity":
+        i = nodes[i].inputs[0]
+    final = i if nodes[i].kind == "log_softmax" else None
+    for node in nodes:
+        if node.kind == "log_softmax" and node.index != final:
+            raise _unsupported(node, "log_softmax is supported as the model's last op only (where the "
+                                     "margins are those of its input)")
+    return nodes[final].inputs[0] if final is not None else output
 
 
 def _users(nodes: List[Node]) -> List[List[int]]:

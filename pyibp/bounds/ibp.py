@@ -81,6 +81,9 @@ class FusedBackend:
     def bounds(self, s: Pair) -> Pair:
         return ops.center_to_interval(*s)
 
+    def from_bounds(self, lower: Tensor, upper: Tensor) -> Pair:
+        return ops.interval_to_center(lower, upper)
+
     def margins(self, s: Pair, weight: Tensor, bias: Optional[Tensor], labels: Tensor) -> Tensor:
         return ops.margin_elision(s[0], s[1], weight, bias, labels)
 
@@ -319,10 +322,26 @@ def _cat(node, env, backend, dtype, fuse, trace):
     return tuple(torch.cat([s[k] for s in states], dim) for k in range(2))
 
 
+def _log_softmax(node, env, backend, dtype, fuse, trace):
+    # log_softmax(z)_i = -log sum_j exp(z_j - z_i) falls in z_j (j != i) and rises in z_i:
+    # its lower end takes z_i = l_i and z_j = u_j, its upper end the other way round.
+    state = _input(node, env)
+    args, kwargs = _rest(node, env)
+    dim = node.module.dim if node.module is not None else (args[0] if args else kwargs.get("dim"))
+    lower, upper = backend.bounds(state)
+    if lower.dim() != 2 or dim is None or dim % 2 != 1:
+        raise TypeError(f"{node.describe()}: log_softmax is supported over the classes of a (B, K) output "
+                        f"(dim=1), got dim={dim} of a box of shape {tuple(lower.shape)}")
+    eye = torch.eye(lower.shape[1], dtype=torch.bool, device=lower.device)
+    low = lower - torch.logsumexp(torch.where(eye, lower[:, :, None], upper[:, None, :]), 2)
+    up = upper - torch.logsumexp(torch.where(eye, upper[:, :, None], lower[:, None, :]), 2)
+    return backend.from_bounds(low, up)
+
+
 _RULES = {"linear": _linear, "conv": _conv, "affine": _affine, "relu": _relu, "activation": _monotone,
           "maxpool": _monotone, "avgpool": _pool, "adaptive_avgpool": _pool, "mean": _mean, "reshape": _reshape,
           "index": _reshape, "identity": _identity, "pad": _pad, "const_affine": _const_affine, "add": _add,
-          "sub": _add, "cat": _cat}
+          "sub": _add, "cat": _cat, "log_softmax": _log_softmax}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,11 +433,12 @@ def ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower
 
 def ibp_margins(graph: BoundGraph, box: Pair, backend, y: Tensor, dtype: Optional[torch.dtype],
                 trace: Optional[Trace] = None) -> Tuple[Tensor, Any, Optional[Tuple[Tensor, Optional[Tensor]]]]:
-    """IBP margins (B, K), with the specification folded into a final Linear when the graph ends
-    in one over flat features. Returns ``(margins, box in front of that Linear or of the output,
-    (weight, bias) of that Linear or None)``."""
+    """IBP margins (B, K) of the graph's logits, with the specification folded into a final Linear
+    when the logits come from one over flat features. Returns ``(margins, box in front of that
+    Linear or of the logits, (weight, bias) of that Linear or None)``."""
     last = graph.last_linear
-    env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=last)
+    stop = last if last is not None else graph.logits + 1
+    env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=stop)
     if last is not None:
         state = env[graph.nodes[last].inputs[0]]
         if state[0].dim() == 2:
@@ -426,8 +446,8 @@ def ibp_margins(graph: BoundGraph, box: Pair, backend, y: Tensor, dtype: Optiona
             weight, bias = _param(weight, dtype), _param(bias, dtype)
             _check_labels(y, state[0], weight.shape[0])
             return backend.margins(state, weight, bias, y), state, (weight, bias)
-        env = propagate(graph, box, backend, dtype=dtype, trace=trace)
-    state = env[graph.output]
+        env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=graph.logits + 1)
+    state = env[graph.logits]
     lb, ub = (t.flatten(1) for t in backend.bounds(state))
     _check_labels(y, lb, lb.shape[1])
     return (lb.gather(1, y[:, None]) - ub).scatter(1, y[:, None], 0.0), state, None
