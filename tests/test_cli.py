@@ -146,6 +146,11 @@ def test_eval_and_certify_write_json_into_the_run(run):
     # Sound bounds: nothing verified is broken by PGD, and CROWN-IBP is never looser than IBP.
     assert pgd["adv_error"] <= crown["verified_error"] <= ibp["verified_error"]
     assert set(json.loads((folder / "certify.json").read_text())["results"]) == {"ibp eps=0.1", "crown-ibp eps=0.1"}
+    both = json.loads(pyibp("certify", str(folder), "--method", "ibp", "--autoattack", "--test-subset", "20",
+                            "--device", "cpu", "--json").stdout)["results"]
+    aa_ibp = both["autoattack"]
+    assert aa_ibp["verified_but_broken"] == {"ibp": 0}
+    assert aa_ibp["clean_error"] <= aa_ibp["robust_error"] <= both["ibp"]["verified_error"]
     small = json.loads(pyibp("certify", str(folder), "--method", "ibp", "--eps", "0", "--device", "cpu",
                              "--json").stdout)["results"]["ibp"]
     assert small["verified_error"] == small["clean_error"]      # at ε = 0 verified means correct
