@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", nargs="+", choices=("ibp", "crown-ibp"), default=["ibp", "crown-ibp"],
                    help="bounding methods")
     p.add_argument("--float64", action="store_true", help="compute the bounds in float64")
+    p.add_argument("--sound", action="store_true",
+                   help="certificates of the network in exact real arithmetic, whatever the float rounding "
+                        "(IBP only; see pyibp.bounds.sound)")
     _common(p, seed_help="unused (verification is deterministic); accepted for uniformity")
 
     p = command("landscape", "plot the loss surface around a test image, for several runs",
@@ -576,16 +579,23 @@ def cmd_certify(args: argparse.Namespace, out: Output, explicit: Set[str]) -> in
     test = _test_set(config, args, device, args.test_subset)
     batches = loader(test, args.batch_size or eval_batch_size(device))
     rows, results = [], {}
-    for method in dict.fromkeys(args.method):
+    methods = list(dict.fromkeys(args.method))
+    if args.sound and methods != ["ibp"]:
+        if "method" in explicit:
+            raise CLIError(f"--sound supports --method ibp only so far, got --method {' '.join(methods)}")
+        methods = ["ibp"]
+    for method in methods:
         start = time.perf_counter()
         r = verify(model, batches, eps, method=method, device=device, quiet=args.quiet,
-                   dtype=torch.float64 if args.float64 else None)
+                   dtype=torch.float64 if args.float64 else None, sound=args.sound)
         seconds = time.perf_counter() - start
-        entry = {"method": method, "eps": eps, "float64": args.float64, "examples": len(r),
+        entry = {"method": method, "eps": eps, "float64": args.float64, "sound": r.sound,
+                 "certificate": "exact real arithmetic" if r.sound else "float round-to-nearest", "examples": len(r),
                  "clean_error": r.clean_error, "verified_error": r.verified_error, "epoch": meta["epoch"],
                  "seconds": seconds}
         results[method] = entry
-        _merge_json(Path(args.run) / "certify.json", f"{method} eps={eps}{' float64' if args.float64 else ''}", entry)
+        key = f"{method} eps={eps}{' float64' if args.float64 else ''}{' sound' if r.sound else ''}"
+        _merge_json(Path(args.run) / "certify.json", key, entry)
         rows.append((method, eps, len(r), _pct(r.clean_error), _pct(r.verified_error), round(seconds, 1)))
     out.show(format_table(("method", "eps", "examples", "clean error", "verified error", "seconds"), rows,
                           title=f"{args.run} (epoch {meta['epoch']}/{config.epochs}, {config.method})"))
