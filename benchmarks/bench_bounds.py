@@ -6,7 +6,7 @@ One process, one run: for each model, batch size and device, the median time of
   * pyibp:    IBP in centre/radius form through the fused C++/CUDA operators (the graph walker)
   * pyibp-crown: CROWN-IBP margins (the graph's CROWN walker)
   * pyibp-sound: IBP margins with sound=True (bounds of the network in exact real arithmetic),
-    side by side with pyibp (forward only: the sound mode computes no gradients)
+    in its own round-robin with pyibp (forward only: the sound mode computes no gradients)
   * seq, seq-crown: the same through the walk over an nn.Sequential's layer list that pyibp used
     before its bound graph (kept here, and only here, as the baseline of the graph path)
 forward only and forward+backward (gradients to the parameters, as in certified training), with
@@ -131,15 +131,12 @@ def workloads(model, x, y):
     def bounds(backend, method="ibp"):
         return closures(lambda: pyibp.margin_bounds(model, x, y, EPS, backend=backend, method=method))
 
-    def sound():
-        return lambda: pyibp.margin_bounds(model, x, y, EPS, sound=True), None
-
     def sequential(crown):
         return closures(lambda: sequential_margins(model, x, y, EPS, crown))
 
     return {"plain": (plain, plain_bwd), "tutorial": bounds("torch"), "pyibp": bounds("fused"),
             "seq": sequential(False), "pyibp-crown": bounds("fused", "crown-ibp"), "seq-crown": sequential(True),
-            "pyibp-sound": sound()}
+            "pyibp-sound": (lambda: pyibp.margin_bounds(model, x, y, EPS, sound=True), None)}
 
 
 def capture_ms(model: nn.Module, repeats: int = 5) -> float:
@@ -165,35 +162,42 @@ def run(args):
                 repeats = args.repeats if batch < 256 else max(5, args.repeats // 2)
                 work = workloads(model, x, y)
                 torch.testing.assert_close(work["pyibp-crown"][0](), work["seq-crown"][0](), rtol=1e-4, atol=1e-4)
-                with torch.no_grad():
-                    fwd = interleaved_medians({k: f for k, (f, _) in work.items()}, device, repeats=repeats)
-                    mem = {k: peak_bytes(f, device) for k, (f, _) in work.items()}
-                bwd = interleaved_medians({k: b for k, (_, b) in work.items() if b is not None}, device,
-                                          repeats=repeats)
-                model.zero_grad(set_to_none=True)
-                times = {k: (fwd[k], bwd.get(k), mem[k]) for k in work}
-                sound.append({"device": device.type, "model": name, "batch": batch, "method": "ibp",
-                              "unsound_fwd_ms": 1e3 * fwd["pyibp"], "sound_fwd_ms": 1e3 * fwd["pyibp-sound"],
-                              "sound_x_unsound": fwd["pyibp-sound"] / fwd["pyibp"],
-                              "unsound_peak_MiB": mem["pyibp"] / 2**20, "sound_peak_MiB": mem["pyibp-sound"] / 2**20})
-                for label in ("plain", "tutorial", "pyibp"):      # the graph-vs-sequential pairs: below
-                    t_fwd, t_bwd, peak = times[label]
+                # One round-robin per table: the graph path and the Sequential path follow each
+                # other, so neither always runs behind the tutorial's cache-thrashing formulas.
+                groups = [("plain", "tutorial", "pyibp"), ("pyibp", "seq"), ("pyibp-crown", "seq-crown")]
+                fwd, bwd, mem = [], [], {}
+                for group in groups:
+                    with torch.no_grad():
+                        fwd.append(interleaved_medians({k: work[k][0] for k in group}, device, repeats=repeats))
+                        mem.update({k: peak_bytes(work[k][0], device) for k in group})
+                    bwd.append(interleaved_medians({k: work[k][1] for k in group}, device, repeats=repeats))
+                    model.zero_grad(set_to_none=True)
+                f, b = fwd[0], bwd[0]
+                for label in groups[0]:
                     row = {"device": device.type, "model": name, "batch": batch, "method": label,
-                           "fwd_ms": 1e3 * t_fwd, "fwd_x_plain": t_fwd / times["plain"][0],
-                           "fwd_speedup_vs_tutorial": times["tutorial"][0] / t_fwd,
-                           "fwdbwd_ms": 1e3 * t_bwd, "fwdbwd_x_plain": t_bwd / times["plain"][1],
-                           "fwdbwd_speedup_vs_tutorial": times["tutorial"][1] / t_bwd,
-                           "peak_fwd_MiB": peak / 2**20}
+                           "fwd_ms": 1e3 * f[label], "fwd_x_plain": f[label] / f["plain"],
+                           "fwd_speedup_vs_tutorial": f["tutorial"] / f[label],
+                           "fwdbwd_ms": 1e3 * b[label], "fwdbwd_x_plain": b[label] / b["plain"],
+                           "fwdbwd_speedup_vs_tutorial": b["tutorial"] / b[label],
+                           "peak_fwd_MiB": mem[label] / 2**20}
                     rows.append(row)
                     results.append(row)
-                for graph, seq in (("pyibp", "seq"), ("pyibp-crown", "seq-crown")):
+                for (graph, seq), f, b in zip(groups[1:], fwd[1:], bwd[1:]):
                     ratios.append({"device": device.type, "model": name, "batch": batch,
                                    "method": "ibp" if graph == "pyibp" else "crown-ibp",
-                                   "graph_fwd_ms": 1e3 * fwd[graph], "seq_fwd_ms": 1e3 * fwd[seq],
-                                   "fwd_graph_x_seq": fwd[graph] / fwd[seq],
-                                   "graph_fwdbwd_ms": 1e3 * bwd[graph], "seq_fwdbwd_ms": 1e3 * bwd[seq],
-                                   "fwdbwd_graph_x_seq": bwd[graph] / bwd[seq],
+                                   "graph_fwd_ms": 1e3 * f[graph], "seq_fwd_ms": 1e3 * f[seq],
+                                   "fwd_graph_x_seq": f[graph] / f[seq],
+                                   "graph_fwdbwd_ms": 1e3 * b[graph], "seq_fwdbwd_ms": 1e3 * b[seq],
+                                   "fwdbwd_graph_x_seq": b[graph] / b[seq],
                                    "graph_peak_fwd_MiB": mem[graph] / 2**20, "seq_peak_fwd_MiB": mem[seq] / 2**20})
+                with torch.no_grad():
+                    f = interleaved_medians({k: work[k][0] for k in ("pyibp", "pyibp-sound")}, device,
+                                            repeats=repeats)
+                    peak = {k: peak_bytes(work[k][0], device) for k in ("pyibp", "pyibp-sound")}
+                sound.append({"device": device.type, "model": name, "batch": batch, "method": "ibp",
+                              "unsound_fwd_ms": 1e3 * f["pyibp"], "sound_fwd_ms": 1e3 * f["pyibp-sound"],
+                              "sound_x_unsound": f["pyibp-sound"] / f["pyibp"],
+                              "unsound_peak_MiB": peak["pyibp"] / 2**20, "sound_peak_MiB": peak["pyibp-sound"] / 2**20})
             captures.append({"model": name, "capture_ms": capture_ms(model)})
     captures.append({"model": "torchvision-resnet18", "capture_ms": capture_ms(resnet18(num_classes=10))})
     print_table(rows, ["device", "model", "batch", "method", "fwd_ms", "fwd_x_plain", "fwd_speedup_vs_tutorial",
@@ -202,7 +206,7 @@ def run(args):
     print_table(ratios, ["device", "model", "batch", "method", "graph_fwd_ms", "seq_fwd_ms", "fwd_graph_x_seq",
                          "graph_fwdbwd_ms", "seq_fwdbwd_ms", "fwdbwd_graph_x_seq", "graph_peak_fwd_MiB",
                          "seq_peak_fwd_MiB"])
-    print("\nSound mode (sound=True: bounds of the exact-arithmetic network) vs the default, same run, interleaved:")
+    print("\nSound mode (sound=True: bounds of the exact-arithmetic network) vs the default (same run, interleaved):")
     print_table(sound, ["device", "model", "batch", "method", "unsound_fwd_ms", "sound_fwd_ms", "sound_x_unsound",
                         "unsound_peak_MiB", "sound_peak_MiB"])
     print("\nFirst call: capture of the bound graph (once per model), excluded from the steady-state times above:")

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, per_example_tensor
+# the checks are shared with the attacks (same box, same messages)
+from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, per_example_tensor  # noqa: F401
 from .crown import (MarginPass, crown_ibp_margin_bounds, crown_ibp_mixed_margins, crown_ibp_robust_ce,
                     margin_pass)
 from .graph import SUPPORTED_LAYERS, batch_statistics, bound_graph

@@ -18,6 +18,7 @@ import contextvars
 import operator
 import os
 import re
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -57,6 +58,8 @@ class Node:
             ``"adaptive_avgpool"``, ``"maxpool"``, ``"mean"``, ``"reshape"``, ``"index"``, ``"pad"``,
             ``"const_affine"``, ``"add"``, ``"sub"``, ``"cat"``, ``"identity"``.
         call: for ``"const"``/shape ops, the PyTorch call ``call(*args, **kwargs)``.
+        config: a layer's configuration, read once at capture (a convolution's stride, padding,
+            dilation, groups); its tensors are read at every call.
         args, kwargs: the fx arguments with every producer replaced by :class:`Ref`.
         inputs: indices of the bounded producers, in argument order.
         module: the layer the node reads its parameters from (live), if any.
@@ -75,6 +78,7 @@ class Node:
     inputs: Tuple[int, ...] = ()
     module: Optional[nn.Module] = None
     call: Optional[Callable] = None
+    config: Any = None
     fuse_relu: bool = False
     fused: bool = False
     where: str = ""
@@ -350,7 +354,8 @@ def _check_module(node: Node) -> None:
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
         raise TypeError(f"{node.describe()} has padding_mode={m.padding_mode!r}; only 'zeros' is supported")
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        conv_padding(node, m.padding, m.dilation, m.kernel_size)
+        node.config = (list(m.stride), conv_padding(node, m.padding, m.dilation, m.kernel_size), list(m.dilation),
+                       m.groups)
     if isinstance(m, nn.MaxPool2d) and m.return_indices:
         raise TypeError(f"{node.describe()} has return_indices=True; only plain max pooling is supported")
     if isinstance(m, nn.LeakyReLU) and m.negative_slope < 0:
@@ -377,13 +382,13 @@ def conv_padding(node: Node, padding, dilation, kernel_size) -> List[int]:
     return [t // 2 for t in total]
 
 
-def _trace(model: nn.Module) -> fx.Graph:
+def _trace(model: nn.Module) -> Tuple[fx.Graph, nn.Module]:
     # A single layer (torch.nn's or Normalize) is bounded as the one-layer graph it is.
     root = nn.Sequential(model) if _Tracer().is_leaf_module(model, "") else model
     try:
         return _Tracer().trace(root), root
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, ... on what it cannot capture
-        frames = [f for f in _FRAME.findall("".join(__import__("traceback").format_tb(err.__traceback__)))
+        frames = [f for f in _FRAME.findall("".join(traceback.format_tb(err.__traceback__)))
                   if not f[0].startswith(_TORCH_DIR) and not f[0].startswith(os.path.dirname(__file__))]
         where = f" at {frames[-1][0]}:{frames[-1][1]}: {frames[-1][2].strip()}" if frames else ""
         raise TypeError(f"pyibp could not capture {type(model).__name__}.forward with torch.fx{where}: "
@@ -577,9 +582,9 @@ def conv_params(node: Node, env: List[Any]) -> ConvParams:
     """The parameters of a Conv1d/Conv2d module or an ``F.conv1d``/``F.conv2d`` call, as lists of
     one entry per spatial dimension."""
     m = node.module
-    if m is not None:
-        return ConvParams(m.weight, m.bias, list(m.stride), conv_padding(node, m.padding, m.dilation, m.kernel_size),
-                          list(m.dilation), m.groups)
+    if m is not None:       # the layer's configuration, read at capture; its tensors, now
+        stride, padding, dilation, groups = node.config
+        return ConvParams(m.weight, m.bias, stride, padding, dilation, groups)
     args, kwargs = (None,) + resolve(node.args[1:], env), resolve(node.kwargs, env)
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     values = dict(zip(names, args), **kwargs)

@@ -158,7 +158,6 @@ def propagate(graph: BoundGraph, box: Pair, backend, *, dtype: Optional[torch.dt
     nodes, frees = graph.nodes, graph.frees
     env: List[Any] = [None] * len(nodes)
     fuse = trace is None
-    batch = box[0].shape[0]
     for node in nodes[:stop]:
         kind = node.kind
         if kind == "input":
@@ -169,9 +168,6 @@ def propagate(graph: BoundGraph, box: Pair, backend, *, dtype: Optional[torch.dt
                 trace.constants[node.index] = value
         else:
             value = _RULES[kind](node, env, backend, dtype, fuse, trace)
-            if value[0].dim() == 0 or value[0].shape[0] != batch:
-                raise TypeError(f"{node.describe()} changes the batch dimension (size {batch} to "
-                                f"{tuple(value[0].shape)}); pyibp bounds ops that act on each example alone")
         env[node.index] = value
         if trace is not None and kind != "const":
             trace.shapes[node.index] = tuple(value[0].shape[1:])
@@ -288,9 +284,19 @@ def _mean(node, env, backend, dtype, fuse, trace):
     return backend.positive_linear(state, lambda t: t.mean(dims, keepdim=keepdim))
 
 
+def _same_batch(node: Node, state: Pair, out: Pair) -> Pair:
+    """``out``, checked to keep the examples of ``state`` apart (reshapes and broadcasts could mix them)."""
+    batch = state[0].shape[0]
+    if out[0].dim() == 0 or out[0].shape[0] != batch:
+        raise TypeError(f"{node.describe()} changes the batch dimension (size {batch} to "
+                        f"{tuple(out[0].shape)}); pyibp bounds ops that act on each example alone")
+    return out
+
+
 def _reshape(node, env, backend, dtype, fuse, trace):
     args, kwargs = _rest(node, env)
-    return backend.reshape(_input(node, env), lambda t: node.call(t, *args, **kwargs))
+    state = _input(node, env)
+    return _same_batch(node, state, backend.reshape(state, lambda t: node.call(t, *args, **kwargs)))
 
 
 def _identity(node, env, backend, dtype, fuse, trace):
@@ -316,7 +322,8 @@ def const_scale_shift(node: Node, env: List[Any], dtype: Optional[torch.dtype]) 
 
 
 def _const_affine(node, env, backend, dtype, fuse, trace):
-    return backend.scale_shift(_input(node, env), *const_scale_shift(node, env, dtype))
+    state = _input(node, env)
+    return _same_batch(node, state, backend.scale_shift(state, *const_scale_shift(node, env, dtype)))
 
 
 def _add(node, env, backend, dtype, fuse, trace):
