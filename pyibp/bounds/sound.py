@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import Normalize
-from .graph import BoundGraph, Node, affine_scale_shift
+from .graph import _BATCH_STATISTICS, BoundGraph, Node, affine_scale_shift
 
 __all__ = ["SoundBackend", "check_sound", "sound_arithmetic", "ceil_to", "floor_to", "outward_eps", "gamma"]
 
@@ -145,13 +145,16 @@ def sound_arithmetic(device_type: str) -> Iterator[None]:
     """
     tiny = torch.tensor(2.0 ** -130, dtype=torch.float32)
     flushed = bool((tiny * 0.5) == 0)
-    cudnn = torch.backends.cudnn.flags(enabled=False) if device_type == "cuda" else contextlib.nullcontext()
+    cudnn = torch.backends.cudnn.enabled
     if flushed:
         torch.set_flush_denormal(False)
+    if device_type == "cuda":   # only this switch: cudnn.flags() would also write the TF32 settings
+        torch.backends.cudnn.enabled = False
     try:
-        with torch.no_grad(), torch.backends.nnpack.flags(enabled=False), cudnn:
+        with torch.no_grad(), torch.backends.nnpack.flags(enabled=False):
             yield
     finally:
+        torch.backends.cudnn.enabled = cudnn
         if flushed:
             torch.set_flush_denormal(True)
 
@@ -267,8 +270,11 @@ class SoundBackend:
             mean, bias = layer.mean.double(), None
             scale = 1.0 / layer.std.double()
         else:
-            mean = layer.running_mean.double()
-            scale = 1.0 / torch.sqrt(layer.running_var.double() + layer.eps)
+            stats = _BATCH_STATISTICS.get()
+            mean, var = stats[layer] if stats is not None and layer in stats else (layer.running_mean,
+                                                                                    layer.running_var)
+            mean = mean.detach().double()
+            scale = 1.0 / torch.sqrt(var.detach().double() + layer.eps)
             if layer.weight is not None:
                 scale = scale * layer.weight.detach().double()
             bias = None if layer.bias is None else layer.bias.detach().double()
