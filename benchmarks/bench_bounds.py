@@ -215,8 +215,8 @@ def run(args):
           "speedup_vs_tutorial: tutorial time / this time.")
     print("Targets (CPU, batch 256, tutorial CNN): pyibp fwd_x_plain <= 2.3, fwd_speedup_vs_tutorial >= 1.8; "
           "graph_x_seq <= 1.05 everywhere; sound_x_unsound <= 1.5 (CPU).")
-    write_json(args.out, {"benchmark": "bounds", "eps": EPS, "results": results, "graph_vs_sequential": ratios, "sound_vs_unsound": sound,
-                          "capture": captures})
+    write_json(args.out, {"benchmark": "bounds", "eps": EPS, "results": results, "graph_vs_sequential": ratios,
+                          "sound_vs_unsound": sound, "capture": captures})
 
 
 def main(argv=None):

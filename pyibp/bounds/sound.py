@@ -44,7 +44,6 @@ import contextlib
 import math
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,7 +51,7 @@ from torch import Tensor, nn
 from ..nn import Normalize
 from .graph import _BATCH_STATISTICS, BoundGraph, Node, affine_scale_shift
 
-__all__ = ["SoundBackend", "check_sound", "sound_arithmetic", "ceil_to", "floor_to", "outward_eps", "gamma"]
+__all__ = ["SoundBackend", "check_sound", "sound_arithmetic", "ceil_to", "outward_eps", "gamma"]
 
 Pair = Tuple[Tensor, Tensor]
 _UNITS = {torch.float32: (2.0 ** -24, 2.0 ** -149), torch.float64: (2.0 ** -53, 2.0 ** -1074)}
@@ -78,10 +77,7 @@ def _up_scalar(x: float, dtype: torch.dtype) -> float:
     """The smallest value of ``dtype`` >= the float64 ``x``, as a Python float (exact in ``dtype``)."""
     if dtype == torch.float64:
         return x
-    v = np.float32(x)
-    if float(v) < x:
-        v = np.nextafter(v, np.float32(np.inf))
-    return float(v)
+    return float(ceil_to(torch.tensor(x, dtype=torch.float64), dtype))
 
 
 def _down_scalar(x: float, dtype: torch.dtype) -> float:
@@ -92,11 +88,6 @@ def ceil_to(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` (float64) rounded up into ``dtype``: the smallest value of ``dtype`` >= each entry."""
     r = t.to(dtype)
     return torch.where(r.to(t.dtype) < t, torch.nextafter(r, r.new_tensor(math.inf)), r)
-
-
-def floor_to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` (float64) rounded down into ``dtype``."""
-    return -ceil_to(-t, dtype)
 
 
 def _up(t: Tensor) -> Tensor:
