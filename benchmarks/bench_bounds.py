@@ -5,6 +5,8 @@ One process, one run: for each model, batch size and device, the median time of
   * tutorial: IBP in lower/upper form, four products per layer (pyibp backend="torch")
   * pyibp:    IBP in centre/radius form through the fused C++/CUDA operators (the graph walker)
   * pyibp-crown: CROWN-IBP margins (the graph's CROWN walker)
+  * pyibp-sound: IBP margins with sound=True (bounds of the network in exact real arithmetic),
+    in its own round-robin with pyibp (forward only: the sound mode computes no gradients)
   * seq, seq-crown: the same through the walk over an nn.Sequential's layer list that pyibp used
     before its bound graph (kept here, and only here, as the baseline of the graph path)
 forward only and forward+backward (gradients to the parameters, as in certified training), with
@@ -133,7 +135,8 @@ def workloads(model, x, y):
         return closures(lambda: sequential_margins(model, x, y, EPS, crown))
 
     return {"plain": (plain, plain_bwd), "tutorial": bounds("torch"), "pyibp": bounds("fused"),
-            "seq": sequential(False), "pyibp-crown": bounds("fused", "crown-ibp"), "seq-crown": sequential(True)}
+            "seq": sequential(False), "pyibp-crown": bounds("fused", "crown-ibp"), "seq-crown": sequential(True),
+            "pyibp-sound": (lambda: pyibp.margin_bounds(model, x, y, EPS, sound=True), None)}
 
 
 def capture_ms(model: nn.Module, repeats: int = 5) -> float:
@@ -147,7 +150,7 @@ def capture_ms(model: nn.Module, repeats: int = 5) -> float:
 
 
 def run(args):
-    rows, results, ratios, captures = [], [], [], []
+    rows, results, ratios, captures, sound = [], [], [], [], []
     for device in devices(args.device):
         for name in args.models:
             factory, shape = MODELS[name]
@@ -187,6 +190,14 @@ def run(args):
                                    "graph_fwdbwd_ms": 1e3 * b[graph], "seq_fwdbwd_ms": 1e3 * b[seq],
                                    "fwdbwd_graph_x_seq": b[graph] / b[seq],
                                    "graph_peak_fwd_MiB": mem[graph] / 2**20, "seq_peak_fwd_MiB": mem[seq] / 2**20})
+                with torch.no_grad():
+                    f = interleaved_medians({k: work[k][0] for k in ("pyibp", "pyibp-sound")}, device,
+                                            repeats=repeats)
+                    peak = {k: peak_bytes(work[k][0], device) for k in ("pyibp", "pyibp-sound")}
+                sound.append({"device": device.type, "model": name, "batch": batch, "method": "ibp",
+                              "unsound_fwd_ms": 1e3 * f["pyibp"], "sound_fwd_ms": 1e3 * f["pyibp-sound"],
+                              "sound_x_unsound": f["pyibp-sound"] / f["pyibp"],
+                              "unsound_peak_MiB": peak["pyibp"] / 2**20, "sound_peak_MiB": peak["pyibp-sound"] / 2**20})
             captures.append({"model": name, "capture_ms": capture_ms(model)})
     captures.append({"model": "torchvision-resnet18", "capture_ms": capture_ms(resnet18(num_classes=10))})
     print_table(rows, ["device", "model", "batch", "method", "fwd_ms", "fwd_x_plain", "fwd_speedup_vs_tutorial",
@@ -195,14 +206,17 @@ def run(args):
     print_table(ratios, ["device", "model", "batch", "method", "graph_fwd_ms", "seq_fwd_ms", "fwd_graph_x_seq",
                          "graph_fwdbwd_ms", "seq_fwdbwd_ms", "fwdbwd_graph_x_seq", "graph_peak_fwd_MiB",
                          "seq_peak_fwd_MiB"])
+    print("\nSound mode (sound=True: bounds of the exact-arithmetic network) vs the default (same run, interleaved):")
+    print_table(sound, ["device", "model", "batch", "method", "unsound_fwd_ms", "sound_fwd_ms", "sound_x_unsound",
+                        "unsound_peak_MiB", "sound_peak_MiB"])
     print("\nFirst call: capture of the bound graph (once per model), excluded from the steady-state times above:")
     print_table(captures, ["model", "capture_ms"])
     print("\nx_plain: time / plain forward (or forward+backward) of the same model and batch; "
           "speedup_vs_tutorial: tutorial time / this time.")
     print("Targets (CPU, batch 256, tutorial CNN): pyibp fwd_x_plain <= 2.3, fwd_speedup_vs_tutorial >= 1.8; "
-          "graph_x_seq <= 1.05 everywhere.")
+          "graph_x_seq <= 1.05 everywhere; sound_x_unsound <= 1.5 (CPU).")
     write_json(args.out, {"benchmark": "bounds", "eps": EPS, "results": results, "graph_vs_sequential": ratios,
-                          "capture": captures})
+                          "sound_vs_unsound": sound, "capture": captures})
 
 
 def main(argv=None):

@@ -44,6 +44,9 @@ class VerificationResult:
         worst_margin: (N,) the smallest lower bound of ``logit_y - logit_j`` over j != y (> 0: robust).
         correct: (N,) bool, the clean prediction is y.
         eps, method: what was verified.
+        sound: the kind of certificate: True, the bounds hold for the network in exact real
+            arithmetic (``sound=True``, :mod:`pyibp.bounds.sound`); False, for its float evaluation
+            with round-to-nearest, up to rounding error.
     """
 
     verified: Tensor
@@ -51,6 +54,7 @@ class VerificationResult:
     correct: Tensor
     eps: float
     method: str
+    sound: bool = False
 
     def __len__(self) -> int:
         return self.verified.numel()
@@ -65,7 +69,7 @@ class VerificationResult:
         return 1.0 - self.correct.double().mean().item() if len(self) else float("nan")
 
     def __repr__(self) -> str:
-        return (f"VerificationResult(method={self.method!r}, eps={self.eps}, examples={len(self)}, "
+        return (f"VerificationResult(method={self.method!r}, eps={self.eps}, sound={self.sound}, examples={len(self)}, "
                 f"clean_error={self.clean_error:.4f}, verified_error={self.verified_error:.4f})")
 
 
@@ -92,9 +96,9 @@ def _check_eps(eps: float) -> float:
 
 
 def _certify_batch(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str, lower: float, upper: float,
-                   dtype: Optional[torch.dtype], correct: Tensor) -> Tuple[Tensor, Tensor]:
+                   dtype: Optional[torch.dtype], correct: Tensor, sound: bool = False) -> Tuple[Tensor, Tensor]:
     """(verified, worst margin) of one batch, in eval mode under no_grad."""
-    margins = margin_bounds(model, x, y, eps, lower=lower, upper=upper, method=method, dtype=dtype)
+    margins = margin_bounds(model, x, y, eps, lower=lower, upper=upper, method=method, dtype=dtype, sound=sound)
     worst = margins.scatter(1, y.long()[:, None], math.inf).amin(1)
     return correct & (worst > 0), worst
 
@@ -109,7 +113,7 @@ def _batches_of(data: Data, model: nn.Module, device: Device, batch_size: int, d
 
 def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", lower: float = 0.0,
            upper: float = 1.0, dtype: Optional[torch.dtype] = None, device: Device = None,
-           batch_size: int = 256, quiet: bool = True) -> VerificationResult:
+           batch_size: int = 256, quiet: bool = True, sound: bool = False) -> VerificationResult:
     """Certifies every example of ``data`` against l∞ perturbations of size ``eps``.
 
     Runs the model in eval mode (every submodule's mode is restored afterwards) without gradients.
@@ -118,13 +122,15 @@ def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", low
         data: a loader yielding ``(x, y)`` batches, or a pair of tensors ``(x, y)``
             (x (N, *) in [lower, upper], y (N,)), cut into batches of ``batch_size``.
         eps: the radius.  method: ``"ibp"`` or ``"crown-ibp"`` (never looser than IBP).
-        dtype: compute the bounds in this dtype (torch.float64 removes float32 rounding from the bound).
+        dtype: compute the bounds in this dtype (torch.float64 makes float32 rounding smaller, not gone).
         device: where the batches go (default: the model's).
+        sound: certificates of the network in exact real arithmetic, whatever the float rounding
+            (``method="ibp"``; see :mod:`pyibp.bounds.sound`); the result says which kind it holds.
     Returns:
         :class:`VerificationResult`. Per batch it equals::
 
             correct = model(x).argmax(1) == y
-            m = pyibp.margin_bounds(model, x, y, eps, method=method)
+            m = pyibp.margin_bounds(model, x, y, eps, method=method, sound=sound)
             worst_margin = m.scatter(1, y[:, None], inf).amin(1)
             verified = correct & (worst_margin > 0)
 
@@ -135,6 +141,8 @@ def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", low
         torch.Size([50])
     """
     _check_method(method)
+    if sound and method != "ibp":
+        raise ValueError(f"sound=True is implemented for method='ibp' only so far, got method={method!r}")
     eps = _check_eps(eps)
     verified, worst, correct = [], [], []
     with eval_mode(model), torch.no_grad():
@@ -142,13 +150,13 @@ def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", low
             # The classification is part of the certificate: in IEEE float32 too (pyibp.precision).
             with full_precision(x.device.type):
                 right = model(x).argmax(1) == y
-            v, w = _certify_batch(model, x, y, eps, method, lower, upper, dtype, right)
+            v, w = _certify_batch(model, x, y, eps, method, lower, upper, dtype, right, sound)
             verified.append(v.cpu())
             worst.append(w.cpu())
             correct.append(right.cpu())
     cat = lambda ts, dt: torch.cat(ts) if ts else torch.zeros(0, dtype=dt)  # noqa: E731
     return VerificationResult(cat(verified, torch.bool), cat(worst, torch.float32), cat(correct, torch.bool),
-                              eps, method)
+                              eps, method, sound)
 
 
 def robustness_report(model: nn.Module, data: Data, eps: float, *, pgd_steps: int = 40, pgd_restarts: int = 1,

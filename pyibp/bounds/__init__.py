@@ -5,6 +5,7 @@
 * :mod:`~pyibp.bounds.ibp`: :func:`interval_bounds`, IBP margins; the IBP rule of each op.
 * :mod:`~pyibp.bounds.crown`: CROWN-IBP margins and the loss-fusion bound; the CROWN rule of each op.
 * :mod:`~pyibp.bounds.relaxations`: the linear relaxations of the activations.
+* :mod:`~pyibp.bounds.sound`: the sound mode's backend (bounds of the exact-arithmetic network).
 * :mod:`~pyibp.bounds.checks`: validation of the input box, labels and devices.
 
 :func:`margin_bounds`, here, picks between IBP and CROWN-IBP.
@@ -28,14 +29,16 @@ __all__ = ["interval_bounds", "margin_bounds", "ibp_margin_bounds", "margin_pass
 
 def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
                   upper: Bound = 1.0, method: str = "ibp", backend: str = "fused",
-                  dtype: Optional[torch.dtype] = None) -> Tensor:
+                  dtype: Optional[torch.dtype] = None, sound: bool = False) -> Tensor:
     """Lower bounds of the margins ``logit_y - logit_j`` over the l∞ box around ``x``.
 
     A point is *verified* when every entry with ``j != y`` is > 0. ``method="ibp"``:
     :func:`~pyibp.bounds.ibp.ibp_margin_bounds` (the specification folded into a final Linear,
     tighter than subtracting logit bounds); ``method="crown-ibp"``:
     :func:`~pyibp.bounds.crown.crown_ibp_margin_bounds` (IBP for the intermediate layers, a CROWN
-    backward pass for the margins): never looser. ``backend`` applies to IBP.
+    backward pass for the margins): never looser. ``backend`` applies to IBP. ``sound=True``
+    (IBP): bounds of the network in exact real arithmetic, whatever the float rounding
+    (:mod:`pyibp.bounds.sound`).
 
     Args:
         model: any nn.Module whose forward torch.fx can trace, of the ops :mod:`pyibp.bounds.graph` lists.
@@ -53,5 +56,7 @@ def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bo
     if method not in ("ibp", "crown-ibp"):
         raise ValueError(f"method must be 'ibp' or 'crown-ibp', got {method!r}")
     if method == "crown-ibp":
+        if sound:
+            raise ValueError("sound=True is implemented for method='ibp' only so far, got method='crown-ibp'")
         return crown_ibp_margin_bounds(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
-    return ibp_margin_bounds(model, x, y, eps, lower=lower, upper=upper, backend=backend, dtype=dtype)
+    return ibp_margin_bounds(model, x, y, eps, lower=lower, upper=upper, backend=backend, dtype=dtype, sound=sound)

@@ -8,6 +8,7 @@ epilogue); the ``"torch"`` backend is the tutorial's lower/upper formulation in 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -20,6 +21,7 @@ from .. import ops
 from ..precision import full_precision
 from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, compute_dtype, domain
 from .graph import BoundGraph, Node, Ref, affine_scale_shift, bound_graph, conv_params, linear_params, resolve
+from .sound import SoundBackend, check_sound, outward_eps, sound_arithmetic
 
 __all__ = ["interval_bounds", "ibp_margin_bounds", "propagate", "FusedBackend", "get_backend", "Trace"]
 
@@ -96,6 +98,19 @@ def get_backend(name: str):
         from ..reference import TutorialBackend
         return TutorialBackend()
     raise ValueError(f"backend must be 'fused' or 'torch', got {name!r}")
+
+
+def _sound_setup(graph: BoundGraph, backend: str, sound: bool, eps: Eps, eps_t: Tensor, x: Tensor,
+                 stop: Optional[int] = None):
+    """``(backend object, eps, context)`` of a bound call: with ``sound``, the
+    :class:`~pyibp.bounds.sound.SoundBackend`, eps rounded up and :func:`~pyibp.bounds.sound.sound_arithmetic`."""
+    if not sound:
+        return get_backend(backend), eps_t, contextlib.nullcontext()
+    if backend != "fused":
+        raise ValueError(f"sound=True computes with its own backend; pass backend='fused' (the default), "
+                         f"got {backend!r}")
+    check_sound(graph, stop)
+    return SoundBackend(), outward_eps(eps, eps_t, x.dtype), sound_arithmetic(x.device.type)
 
 
 def _param(t: Any, dtype: Optional[torch.dtype]) -> Any:
@@ -224,8 +239,9 @@ def _conv(node, env, backend, dtype, fuse, trace):
 
 
 def _affine(node, env, backend, dtype, fuse, trace):
-    scale, shift = affine_scale_shift(node, dtype)
-    return backend.affine(_input(node, env), scale, shift)
+    # the sound backend takes the map in its own form (float64, with error bounds)
+    affine_map = getattr(backend, "affine_map", affine_scale_shift)
+    return backend.affine(_input(node, env), *affine_map(node, dtype))
 
 
 def _relu(node, env, backend, dtype, fuse, trace):
@@ -367,7 +383,7 @@ def _full_precision(x: Tensor):
 
 
 def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: Bound = 0.0, upper: Bound = 1.0,
-                    backend: str = "fused", dtype: Optional[torch.dtype] = None) -> Pair:
+                    backend: str = "fused", dtype: Optional[torch.dtype] = None, sound: bool = False) -> Pair:
     """Guaranteed lower and upper bounds of ``model``'s output over the l∞ box around ``x``.
 
     The box is ``{x' : |x' - x| <= eps} ∩ [lower, upper]``. Gradients flow to the model's
@@ -384,6 +400,9 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: Bound = 0.0
         backend: ``"fused"`` (pyibp's operators) or ``"torch"`` (the tutorial's formulas).
         dtype: compute in this dtype (e.g. torch.float64 for verification); default the model's
             (float32 for a half or bfloat16 model or x, as under autocast).
+        sound: bounds of the network computed in exact real arithmetic on its stored weights, for
+            every real input of the box, whatever the float rounding (:mod:`pyibp.bounds.sound`;
+            no gradients; ops without a sound rule raise TypeError naming the node).
     Returns:
         ``(lb, ub)``, each of the model's output shape, e.g. (B, n_classes).
 
@@ -397,17 +416,18 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: Eps, *, lower: Bound = 0.0
     eps_t = check_box(x, eps, lower, upper)
     _check_model_device(model, x)
     dtype = compute_dtype(model, x, dtype)
-    be = get_backend(backend)
     if dtype is not None:
         x, eps_t = x.to(dtype), eps_t.to(dtype)
-    with _full_precision(x):
+    be, eps_t, arithmetic = _sound_setup(graph, backend, sound, eps, eps_t, x)
+    with _full_precision(x), arithmetic:
         env = propagate(graph, be.start(x, eps_t, *domain(x, lower, upper)), be, dtype=dtype)
         lb, ub = be.bounds(env[graph.output])
         return no_nan(lb, -math.inf), no_nan(ub, math.inf)
 
 
 def ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
-                      upper: Bound = 1.0, backend: str = "fused", dtype: Optional[torch.dtype] = None) -> Tensor:
+                      upper: Bound = 1.0, backend: str = "fused", dtype: Optional[torch.dtype] = None,
+                      sound: bool = False) -> Tensor:
     """Lower bounds of the margins ``logit_y - logit_j`` over the l∞ box around ``x``, by IBP:
     :func:`pyibp.margin_bounds` with ``method="ibp"``.
 
@@ -415,7 +435,7 @@ def ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower
     tighter than subtracting logit bounds.
 
     Args:
-        model, lower, upper, backend, dtype: as for :func:`interval_bounds`.
+        model, lower, upper, backend, dtype, sound: as for :func:`interval_bounds`.
         x: (B, *) inputs in [lower, upper].  y: (B,) integer labels.  eps: float, () or (B,).
     Returns:
         (B, n_classes), 0 at j = y.
@@ -430,10 +450,10 @@ def ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower
     _check_model_device(model, x)
     _check_labels(y, x, None)
     dtype = compute_dtype(model, x, dtype)
-    be = get_backend(backend)
     if dtype is not None:
         x, eps_t = x.to(dtype), eps_t.to(dtype)
-    with _full_precision(x):
+    be, eps_t, arithmetic = _sound_setup(graph, backend, sound, eps, eps_t, x, graph.logits + 1)
+    with _full_precision(x), arithmetic:
         box = be.start(x, eps_t, *domain(x, lower, upper))
         return no_nan(ibp_margins(graph, box, be, y, dtype)[0], -math.inf)
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable, Set
 
-from .common import (Output, ResultFile, common_options, format_table, load, pct, run_evaluation_options, test_set,
+from .common import (CLIError, Output, ResultFile, common_options, format_table, load, pct, run_evaluation_options, test_set,
                      torch_device)
 
 __all__ = ["add_parser", "run"]
@@ -23,6 +23,9 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--method", nargs="+", choices=("ibp", "crown-ibp"), default=["ibp", "crown-ibp"],
                    help="bounding methods")
     p.add_argument("--float64", action="store_true", help="compute the bounds in float64")
+    p.add_argument("--sound", action="store_true",
+                   help="certificates of the network in exact real arithmetic, whatever the float rounding "
+                        "(IBP only; see pyibp.bounds.sound)")
     p.add_argument("--autoattack", action="store_true",
                    help="also run AutoAttack (standard) on the same examples and show its robust error beside "
                         "the verified error (every verified example must stay unbroken)")
@@ -42,17 +45,23 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     batches = loader(test, args.batch_size or eval_batch_size(device))
     rows, results, verified = [], {}, {}
     saved = ResultFile(Path(args.run) / "certify.json")
-    for method in dict.fromkeys(args.method):
+    methods = list(dict.fromkeys(args.method))
+    if args.sound and methods != ["ibp"]:
+        if "method" in explicit:
+            raise CLIError(f"--sound supports --method ibp only so far, got --method {' '.join(methods)}")
+        methods = ["ibp"]
+    for method in methods:
         start = time.perf_counter()
         r = verify(model, batches, eps, method=method, device=device, quiet=args.quiet,
-                   dtype=torch.float64 if args.float64 else None)
+                   dtype=torch.float64 if args.float64 else None, sound=args.sound)
         seconds = time.perf_counter() - start
-        entry = {"method": method, "eps": eps, "float64": args.float64, "examples": len(r),
+        entry = {"method": method, "eps": eps, "float64": args.float64, "sound": r.sound,
+                 "certificate": "exact real arithmetic" if r.sound else "float round-to-nearest", "examples": len(r),
                  "clean_error": r.clean_error, "verified_error": r.verified_error, "epoch": meta["epoch"],
                  "seconds": seconds}
         results[method] = entry
         verified[method] = r.verified
-        saved.add(f"{method} eps={eps}{' float64' if args.float64 else ''}", entry)
+        saved.add(f"{method} eps={eps}{' float64' if args.float64 else ''}{' sound' if r.sound else ''}", entry)
         rows.append((method, eps, len(r), pct(r.clean_error), pct(r.verified_error), round(seconds, 1)))
     if args.autoattack:
         rows.append(_autoattack_row(args, model, test, eps, device, verified, results, saved))
