@@ -7,17 +7,15 @@ The public API::
     ce = pyibp.crown_ibp_robust_ce(model, x, y, eps)       # upper bounds of the worst-case cross-entropy
     delta = pyibp.pgd(model, x, y, eps, alpha=0.01, steps=40)   # an attack inside the same box
 """
-from . import (attacks, certified_training, certify, crown, data, distributed, layers, models, nn, ops, schedules,
-               train)
+from . import attacks, bounds, certified_training, certify, data, distributed, models, nn, ops, schedules, train
 from .attacks import fgsm, pgd
-from .bounds import interval_bounds, margin_bounds
+from .bounds import (SUPPORTED_LAYERS, batch_statistics, bound_graph, crown_ibp_margin_bounds, crown_ibp_robust_ce,
+                     interval_bounds, margin_bounds)
 from .certify import robustness_report, verify
-from .crown import crown_ibp_margin_bounds, crown_ibp_robust_ce
-from .layers import SUPPORTED_LAYERS, batch_statistics, flatten_layers
 
 __version__ = "0.1.0"
 
 __all__ = ["interval_bounds", "margin_bounds", "crown_ibp_margin_bounds", "crown_ibp_robust_ce", "fgsm", "pgd",
-           "verify", "robustness_report", "flatten_layers", "batch_statistics", "SUPPORTED_LAYERS", "attacks",
-           "certified_training", "certify", "crown", "data", "distributed", "layers", "models", "nn", "ops",
+           "verify", "robustness_report", "bound_graph", "batch_statistics", "SUPPORTED_LAYERS", "attacks",
+           "bounds", "certified_training", "certify", "data", "distributed", "models", "nn", "ops",
            "schedules", "train", "__version__"]

@@ -41,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bounds import Eps, _check_labels, _check_model_device, check_box, margin_bounds
-from .crown import _margin_pass
+from .bounds import Eps, _check_labels, _check_model_device, batch_statistics, check_box, margin_bounds
+from .bounds.checks import compute_dtype
+from .bounds.crown import _margin_pass
+from .bounds.graph import bound_graph
 from .distributed import syncs_gradients, unwrap
 from .expressive_losses import EXPRESSIVE_METHODS, adversarial_point, expressive_robust_ce
-from .layers import batch_statistics, flatten_layers
 from .schedules import Schedule, as_schedule
 from .train import batches, eval_mode, model_device, progress
 
@@ -86,7 +87,7 @@ def _check_bn_stats(bn_stats: str) -> None:
 
 
 def _batch_statistics(model: nn.Module, bn_stats: str):
-    """:func:`pyibp.layers.batch_statistics` when ``bn_stats == "batch"`` and ``model`` has a
+    """:func:`pyibp.batch_statistics` when ``bn_stats == "batch"`` and ``model`` has a
     BatchNorm in training mode (whose clean pass then records them), else a no-op context."""
     training_bn = any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training
                       for m in unwrap(model).modules())
@@ -109,7 +110,7 @@ def _bounds(model: nn.Module, x: Tensor, y: Tensor, eps_t: Tensor, *, method: st
 
     The robust CE is ``CE(-m, y)`` of the IBP margins ``m``, or of ``beta * CROWN-IBP + (1 - beta) * IBP``
     margins; with ``loss_fusion`` it is ``beta * fused + (1 - beta) * CE(-IBP)`` (the fused CROWN-IBP
-    bound, :func:`pyibp.crown.crown_ibp_robust_ce`). The boxes are recorded only when ``record``
+    bound, :func:`pyibp.bounds.crown.crown_ibp_robust_ce`). The boxes are recorded only when ``record``
     (they cost the fusion of Linear/Conv with ReLU).
     """
     use_crown = method == "crown-ibp" and beta > 0
@@ -117,8 +118,8 @@ def _bounds(model: nn.Module, x: Tensor, y: Tensor, eps_t: Tensor, *, method: st
         ibp = margin_bounds(model, x, y, eps_t, lower=lower, upper=upper)
         return _robust_ce(ibp, y), ibp, None, []
     fused = use_crown and loss_fusion
-    p = _margin_pass(flatten_layers(model), x, y, eps_t, lower, upper, None, crown=use_crown and not fused,
-                     fused=fused, boxes=record)
+    p = _margin_pass(bound_graph(model), x, y, eps_t, lower, upper, compute_dtype(model, x, None),
+                     crown=use_crown and not fused, fused=fused, boxes=record)
     if not use_crown:
         robust = _robust_ce(p.ibp, y)
     elif fused:
@@ -140,13 +141,13 @@ def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, kappa: float, *, 
 
     ``m`` are the margin lower bounds of :func:`pyibp.margin_bounds` (``method="ibp"``) or, for
     ``method="crown-ibp"``, ``beta * CROWN-IBP + (1 - beta) * IBP``
-    (:func:`pyibp.crown.crown_ibp_mixed_margins`). The clean logits come from ``model`` in the
+    (:func:`pyibp.bounds.crown.crown_ibp_mixed_margins`). The clean logits come from ``model`` in the
     mode it is in; the bounds from eval mode (see the module docstring).
 
     With ``loss_fusion`` (CROWN-IBP only) the robust term is
     ``beta * crown_ibp_robust_ce(...) + (1 - beta) * CE(-m_IBP, y)`` instead: CROWN bounds the loss
     itself through one specification row per example rather than the K-1 margins (Xu et al. 2020),
-    which makes the CROWN pass about K-1 times cheaper (see :func:`pyibp.crown.crown_ibp_robust_ce`).
+    which makes the CROWN pass about K-1 times cheaper (see :func:`pyibp.bounds.crown.crown_ibp_robust_ce`).
 
     Args:
         x: (B, *) in [lower, upper].  y: (B,) labels.  eps: float, () or (B,).
@@ -154,7 +155,7 @@ def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, kappa: float, *, 
         loss_fusion: bound the cross-entropy directly (CROWN-IBP only).
         bn_stats: ``"batch"``: when ``model`` is in training mode, its BatchNorm layers are bounded
             with the batch statistics of the clean pass (Shi et al. 2021;
-            :func:`pyibp.layers.batch_statistics`); ``"running"``: with their running statistics.
+            :func:`pyibp.batch_statistics`); ``"running"``: with their running statistics.
     Returns:
         A scalar tensor, the batch mean. Equivalent to::
 
@@ -245,7 +246,7 @@ def shi_regularizer(input_box: Pair, pre_activations: Sequence[Pair], *,
         ``λ (1 - ε/ε_max) (L_tightness + L_relu)`` during the ε ramp (λ = 0.5 in the paper).
 
     Example:
-        >>> p = pyibp.crown.margin_pass(model, x, y, 0.01, crown=False)
+        >>> p = pyibp.bounds.crown.margin_pass(model, x, y, 0.01, crown=False)
         >>> tightness, relu_balance = shi_regularizer(p.input_box, p.pre_activations)
     """
     if not tol > 0:

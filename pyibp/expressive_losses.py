@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import pgd
-from .bounds import Eps, check_box, margin_bounds
-from .crown import margin_pass
+from .bounds import Eps, check_box, margin_bounds, margin_pass
 from .train import eval_mode
 
 __all__ = ["EXPRESSIVE_METHODS", "ExpressiveTerms", "adversarial_point", "sabr_box", "expressive_robust_ce",

@@ -1,13 +1,17 @@
-"""Models used by the tutorial and the certified-training literature, as plain nn.Sequential."""
+"""Models used by the tutorial and the certified-training literature: nn.Sequential, and a CIFAR
+ResNet written as an ordinary nn.Module with a functional forward (pyibp bounds either)."""
 from __future__ import annotations
 
 from typing import Sequence
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .nn import Residual
 
-__all__ = ["tutorial_cnn", "cifar_cnn", "cnn7", "resnet_small", "MODELS", "build_model"]
+__all__ = ["tutorial_cnn", "cifar_cnn", "cnn7", "resnet_small", "cifar_resnet", "CifarResNet", "MODELS",
+           "build_model"]
 
 
 def _four_conv_cnn(in_channels: int, widths: Sequence[int], hidden: int, num_classes: int,
@@ -82,7 +86,8 @@ def resnet_small(in_channels: int = 3, num_classes: int = 10, image_size: int = 
     (Conv-BN-ReLU-Conv-BN plus identity, or a strided 1x1 Conv-BN shortcut when the shape changes,
     then ReLU), doubling the width and halving the resolution at each new stage; Linear head.
 
-    Blocks are :class:`pyibp.nn.Residual`, the skip structure pyibp's bounds support.
+    Blocks are :class:`pyibp.nn.Residual` in an nn.Sequential (see :func:`cifar_resnet` for the same
+    structure as an ordinary module with a functional forward).
 
     Shapes:
         (B, 3, 32, 32) -> (B, 10).
@@ -106,10 +111,72 @@ def resnet_small(in_channels: int = 3, num_classes: int = 10, image_size: int = 
     return nn.Sequential(*layers)
 
 
-MODELS = {"tutorial-cnn": tutorial_cnn, "cifar-cnn": cifar_cnn, "cnn7": cnn7, "resnet-small": resnet_small}
+class _BasicBlock(nn.Module):
+    """Conv-BN-ReLU-Conv-BN plus the shortcut (identity, or a strided 1x1 Conv-BN), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Sequential:
+class CifarResNet(nn.Module):
+    """A CIFAR ResNet (He et al. 2016, the 3-stage CIFAR variant) as users write one: a plain
+    nn.Module whose forward calls ``F.relu``, adds the shortcut with ``+``, pools with
+    ``F.adaptive_avg_pool2d`` and flattens with ``view``. See :func:`cifar_resnet`."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16,
+                 blocks: Sequence[int] = (1, 1, 1)):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        stages, channels = [], width
+        for stage, count in enumerate(blocks):
+            out = width * 2 ** stage
+            for block in range(count):
+                stages.append(_BasicBlock(channels, out, 2 if stage > 0 and block == 0 else 1))
+                channels = out
+        self.blocks = nn.Sequential(*stages)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn(self.conv(x)))
+        out = self.blocks(out)
+        out = F.adaptive_avg_pool2d(out, 1)
+        return self.fc(out.view(out.size(0), -1))
+
+
+def cifar_resnet(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 16,
+                 blocks: Sequence[int] = (1, 1, 1)) -> CifarResNet:
+    """A CIFAR ResNet with a functional forward: stem, 3 stages of ``blocks[i]`` basic blocks
+    (widths w, 2w, 4w; stride 2 between stages), global average pooling, Linear.
+    ``blocks=(3, 3, 3)`` is ResNet-20; the default (1, 1, 1) is small enough for IBP.
+    ``image_size`` is accepted for the zoo's common signature (global pooling takes any size).
+
+    Shapes:
+        (B, 3, H, W) -> (B, 10).
+    Example:
+        >>> cifar_resnet()(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return CifarResNet(in_channels, num_classes, width, blocks)
+
+
+MODELS = {"tutorial-cnn": tutorial_cnn, "cifar-cnn": cifar_cnn, "cnn7": cnn7, "resnet-small": resnet_small,
+          "cifar-resnet": cifar_resnet}
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """A model of the zoo by name, for data of the given shape.
 
     Example:

@@ -46,12 +46,12 @@ class Normalize(nn.Module):
 
 
 class Residual(nn.Module):
-    """A residual block ``body(x) + shortcut(x)``, the block structure pyibp can bound.
+    """A residual block ``body(x) + shortcut(x)`` as a layer, for building ResNets as nn.Sequential.
 
-    ``body`` and ``shortcut`` are nn.Sequential (or single layers) of the supported layers;
-    ``shortcut=None`` is the identity. The interval of the sum is the sum of the branches'
-    intervals, so bounds pass through each branch from the same input box and add. Any other
-    skip structure (concatenation, gating, a skip that leaves the block) is not supported.
+    ``body`` and ``shortcut`` are any modules (``shortcut=None`` is the identity). It is an
+    ordinary module to pyibp's bounds: its forward is traced like any other (a ``+`` of two
+    branches), so a block written inline in a forward (``out + self.shortcut(x)``) is bounded
+    the same way.
 
     Shapes:
         (B, *) -> the shape of ``body``'s output, which must equal ``shortcut``'s.

@@ -1,6 +1,6 @@
 """Plain-PyTorch twins of pyibp's operators, and the tutorial's interval formulas.
 
-Two kinds of reference live here:
+Three kinds of reference live here:
 
 * ``*_ref`` functions: the readable equivalent of each operator in :mod:`pyibp.ops`, used by the
   tests to check the C++/CUDA kernels value for value and gradient for gradient.
@@ -9,14 +9,17 @@ Two kinds of reference live here:
   (four products per layer) and the margin specification folded into the last layer
   (``interval_based_bound``). It is ``backend="torch"`` of :func:`pyibp.interval_bounds` and the
   baseline of the benchmarks.
+* :class:`Interval` / :func:`interval_forward_ref`: IBP of any model by running its own forward
+  on interval values, independent of pyibp's graph capture; the tests' reference for graphs.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 Pair = Tuple[Tensor, Tensor]
 
@@ -160,6 +163,9 @@ class TutorialBackend:
     def bounds(self, s: Pair) -> Pair:
         return s
 
+    def from_bounds(self, lower: Tensor, upper: Tensor) -> Pair:
+        return lower, upper
+
     def margins(self, s: Pair, weight: Tensor, bias: Optional[Tensor], labels: Tensor) -> Tensor:
         """The tutorial's ``interval_based_bound``, with one specification C per example."""
         l, u = s
@@ -168,3 +174,137 @@ class TutorialBackend:
         if bias is not None:
             lb = lb + bias[labels][:, None] - bias[None]
         return lb.scatter(1, labels[:, None].long(), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent IBP of any model: its own forward run on interval values
+class Interval:
+    """A box ``[lo, hi]`` that runs through a model's own ``forward`` by interval arithmetic.
+
+    Independent of :mod:`pyibp.bounds` (no graph capture, no fused operators): every torch
+    function, tensor method and operator the forward applies is intercepted (``__torch_function__``
+    and Python's operator protocol) and computed in lower/upper form, the tutorial's way —
+    ``W⁺ l + W⁻ u`` for products, ``f(l), f(u)`` for monotone functions. The tests compare the
+    bound engine with it in float64. Anything it does not know raises TypeError.
+
+    Example:
+        >>> model = torchvision.models.resnet18(num_classes=10).double().eval()
+        >>> out = model(Interval(x - 0.01, x + 0.01))
+        >>> out.lo.shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, lo: Tensor, hi: Tensor):
+        self.lo, self.hi = lo, hi
+
+    # monotone non-decreasing functions of one bounded argument: f(lo), f(hi)
+    _MONOTONE = {F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.relu6, F.hardtanh, F.elu, F.softplus, torch.tanh, F.tanh,
+                 torch.sigmoid, F.sigmoid, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean,
+                 torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                 F.pad}
+    _IDENTITY = {F.dropout, F.dropout2d}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        kwargs.pop("inplace", None)
+        x, rest = args[0], args[1:]
+        if func in cls._IDENTITY:
+            return x
+        if func in cls._MONOTONE or getattr(func, "__name__", "") == "fn":     # F.max_pool2d's dispatcher
+            return Interval(func(x.lo, *rest, **kwargs), func(x.hi, *rest, **kwargs))
+        if func in (F.linear, F.conv1d, F.conv2d):
+            weight, bias, extra = rest[0], (rest[1] if len(rest) > 1 else kwargs.pop("bias", None)), rest[2:]
+            pos, neg = weight.clamp(min=0), weight.clamp(max=0)
+            lo = func(x.lo, pos, bias, *extra, **kwargs) + func(x.hi, neg, None, *extra, **kwargs)
+            hi = func(x.hi, pos, bias, *extra, **kwargs) + func(x.lo, neg, None, *extra, **kwargs)
+            return Interval(lo, hi)
+        if func is F.batch_norm:
+            mean, var, weight, bias = rest[0], rest[1], kwargs.get("weight", rest[2] if len(rest) > 2 else None), \
+                kwargs.get("bias", rest[3] if len(rest) > 3 else None)
+            eps = kwargs.get("eps", rest[6] if len(rest) > 6 else 1e-5)
+            scale = (var + eps).rsqrt() * (weight if weight is not None else 1)
+            shift = (bias if bias is not None else 0) - mean * scale
+            shape = (1, -1) + (1,) * (x.lo.dim() - 2)
+            return x._scale(scale.reshape(shape)) + shift.reshape(shape)
+        if func in (torch.cat, torch.concat):
+            dim = rest[0] if rest else kwargs.get("dim", 0)
+            return Interval(torch.cat([t.lo for t in x], dim), torch.cat([t.hi for t in x], dim))
+        if func in (torch.add, torch.sub, torch.mul, torch.div):
+            return {torch.add: operator.add, torch.sub: operator.sub, torch.mul: operator.mul,
+                    torch.div: operator.truediv}[func](x, rest[0])
+        raise TypeError(f"Interval does not know {func}")
+
+    def _scale(self, c) -> "Interval":
+        a, b = self.lo * c, self.hi * c
+        return Interval(torch.minimum(a, b), torch.maximum(a, b))
+
+    def __add__(self, other):
+        if isinstance(other, Interval):
+            return Interval(self.lo + other.lo, self.hi + other.hi)
+        return Interval(self.lo + other, self.hi + other)
+
+    __radd__ = __iadd__ = __add__
+
+    def __sub__(self, other):
+        if isinstance(other, Interval):
+            return Interval(self.lo - other.hi, self.hi - other.lo)
+        return Interval(self.lo - other, self.hi - other)
+
+    __isub__ = __sub__
+
+    def __rsub__(self, other):
+        return Interval(other - self.hi, other - self.lo)
+
+    def __mul__(self, other):
+        if isinstance(other, Interval):
+            raise TypeError("Interval * Interval")
+        return self._scale(other)
+
+    __rmul__ = __imul__ = __mul__
+
+    def __truediv__(self, other):
+        return self._scale(1.0 / other)
+
+    __itruediv__ = __truediv__
+
+    def __neg__(self):
+        return Interval(-self.hi, -self.lo)
+
+    add, sub, mul, div, neg = __add__, __sub__, __mul__, __truediv__, __neg__
+
+    def __getitem__(self, index):
+        return Interval(self.lo[index], self.hi[index])
+
+    def _both(name):
+        def method(self, *args, **kwargs):
+            return Interval(getattr(self.lo, name)(*args, **kwargs), getattr(self.hi, name)(*args, **kwargs))
+        return method
+
+    # shape methods and monotone methods act on both ends alike
+    view, reshape, flatten = _both("view"), _both("reshape"), _both("flatten")
+    permute, transpose, contiguous = _both("permute"), _both("transpose"), _both("contiguous")
+    squeeze, unsqueeze, mean = _both("squeeze"), _both("unsqueeze"), _both("mean")
+    relu, sigmoid, tanh = _both("relu"), _both("sigmoid"), _both("tanh")
+    del _both
+
+    def size(self, *args):
+        return self.lo.size(*args)
+
+    def dim(self) -> int:
+        return self.lo.dim()
+
+    @property
+    def shape(self):
+        return self.lo.shape
+
+
+def interval_forward_ref(model: nn.Module, x: Tensor, eps: float, lower: float = 0.0, upper: float = 1.0) -> Pair:
+    """IBP bounds of ``model`` (eval mode) on the box ``x ± eps ∩ [lower, upper]`` by running its
+    own forward on :class:`Interval` values; compute in the model's and x's dtype.
+
+    Example:
+        >>> lb, ub = interval_forward_ref(model.double(), x.double(), 0.01)
+    """
+    out = model((Interval((x - eps).clamp(min=lower), (x + eps).clamp(max=upper))))
+    return out.lo, out.hi

@@ -1,5 +1,7 @@
 """interval_bounds / margin_bounds: agreement of the fused and tutorial backends on random
 architectures, soundness against sampled and attacked points, gradients, and bad input."""
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -144,17 +146,18 @@ def test_empty_batch_and_noncontiguous_input():
         torch.testing.assert_close(a, b)
 
 
-def test_unsupported_layer_names_class_and_index():
-    model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Tanh()), nn.Linear(4, 2))
-    with pytest.raises(TypeError, match=r"layer 3 \(Tanh\) is not supported.*Supported: Linear, Conv2d"):
+def test_unsupported_layer_names_node_target_and_what_is_supported():
+    model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.GELU()), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"node '_1_2' \(call_module 1.2: GELU\)\. Supported: Linear, Conv1d"):
         pyibp.interval_bounds(model, torch.rand(1, 4), 0.1)
-    with pytest.raises(TypeError, match="bounds nn.Sequential models; got"):
+    with pytest.raises(TypeError, match=r"pyibp cannot bound node '_0' \(call_module 0: LSTM\)"):
         pyibp.interval_bounds(nn.LSTM(2, 2), torch.rand(1, 2), 0.1)
 
 
 def test_batchnorm_in_training_mode_is_rejected():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).train()
-    with pytest.raises(ValueError, match=r"layer 2 \(BatchNorm1d\) is in training mode.*model.eval\(\)"):
+    message = r"node '_2' \(call_module 2: BatchNorm1d\) is in training mode.*model.eval\(\)"
+    with pytest.raises(ValueError, match=message):
         pyibp.interval_bounds(model, torch.rand(2, 4), 0.1)
 
 
@@ -217,8 +220,8 @@ def test_model_zoo_bounds_are_sound(name):
 
 def test_residual_with_an_unsupported_layer_names_the_branch():
     from pyibp.nn import Residual
-    model = nn.Sequential(nn.Flatten(), Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), nn.Linear(4, 2))
-    with pytest.raises(TypeError, match=r"layer 1 \(Residual\), branch body: layer 1 \(Tanh\) is not supported"):
+    model = nn.Sequential(nn.Flatten(), Residual(nn.Sequential(nn.Linear(4, 4), nn.GELU())), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"node '_1_body_1' \(call_module 1.body.1: GELU\)"):
         pyibp.interval_bounds(model, torch.rand(1, 4), 0.1)
 
 
@@ -231,3 +234,83 @@ def test_bounds_ignore_autocast():
     assert lb.dtype == ub.dtype == m.dtype == torch.float32
     torch.testing.assert_close(m, pyibp.margin_bounds(model, x, y, 0.05))
     torch.testing.assert_close(lb, pyibp.interval_bounds(model, x, 0.05)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs users have
+def test_per_channel_domain_tensors():
+    torch.manual_seed(0)
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).eval()
+    lower, upper = (0 - mean) / std, (1 - mean) / std                  # the domain of normalised data
+    x = ((torch.rand(2, 3, 6, 6) - mean[:, None, None]) / std[:, None, None])
+    y = torch.tensor([1, 3])
+    lb, ub = pyibp.interval_bounds(model, x, 0.3, lower=lower, upper=upper)
+    box_lo = torch.maximum(x - 0.3, lower[:, None, None])
+    box_hi = torch.minimum(x + 0.3, upper[:, None, None])
+    points = box_lo + (box_hi - box_lo) * torch.rand((300,) + x.shape)
+    with torch.no_grad():
+        out = model(points.flatten(0, 1)).view(300, 2, 5)
+    assert (out >= lb - 1e-5).all() and (out <= ub + 1e-5).all()
+    # the same as a per-element domain, and tighter than the loosest scalar domain
+    full = pyibp.interval_bounds(model, x, 0.3, lower=lower[:, None, None].expand(3, 6, 6),
+                                 upper=upper[:, None, None].expand(3, 6, 6))
+    torch.testing.assert_close(full[0], lb)
+    loose = pyibp.interval_bounds(model, x, 0.3, lower=float(lower.min()), upper=float(upper.max()))
+    assert (lb >= loose[0] - 1e-6).all() and (ub <= loose[1] + 1e-6).all()
+    for method in ("ibp", "crown-ibp"):
+        m = pyibp.margin_bounds(model, x, y, 0.3, lower=lower, upper=upper, method=method)
+        assert (m <= out.gather(2, y[None, :, None].expand(300, 2, 1)) - out + 1e-5).all()
+    ce = pyibp.crown_ibp_robust_ce(model, x, y, 0.3, lower=lower, upper=upper)
+    assert torch.isfinite(ce).all()
+    with pytest.raises(ValueError, match=r"x has \d+ values outside the input domain"):
+        pyibp.interval_bounds(model, x, 0.3, lower=lower + 10, upper=upper + 20)
+    with pytest.raises(ValueError, match=r"lower must be a float, a tensor of one value per channel \(3,\)"):
+        pyibp.interval_bounds(model, x, 0.3, lower=torch.zeros(4), upper=upper)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_and_bfloat16_models_get_float32_bounds(dtype):
+    model, shape = random_model(4)
+    x, y = _inputs(shape, 3, 4)
+    reduced = copy.deepcopy(model).to(dtype)
+    lb, ub = pyibp.interval_bounds(reduced, x.to(dtype), 0.05)
+    assert lb.dtype == torch.float32
+    exact = copy.deepcopy(reduced).float()                 # the same (rounded) weights in float32
+    torch.testing.assert_close(lb, pyibp.interval_bounds(exact, x.to(dtype).float(), 0.05)[0])
+    for method in ("ibp", "crown-ibp"):
+        m = pyibp.margin_bounds(reduced, x, y, 0.05, method=method)
+        torch.testing.assert_close(m, pyibp.margin_bounds(exact, x, y, 0.05, method=method))
+    assert pyibp.crown_ibp_robust_ce(reduced, x, y, 0.05).dtype == torch.float32
+
+
+def test_float64_x_with_a_float32_model_names_what_was_passed():
+    model, shape = random_model(4)
+    x, y = _inputs(shape, 2, 4, torch.float64)
+    message = r"x is torch.float64 but the model's parameters are torch.float32; pass x.to\(torch.float32\)"
+    with pytest.raises(ValueError, match=message):
+        pyibp.interval_bounds(model, x, 0.05)
+    with pytest.raises(ValueError, match=message):
+        pyibp.margin_bounds(model, x, y, 0.05, method="crown-ibp")
+    assert pyibp.interval_bounds(model, x, 0.05, dtype=torch.float64)[0].dtype == torch.float64
+
+
+def test_unbatched_input_is_a_value_error_saying_so():
+    model = tutorial_cnn().eval()
+    with pytest.raises(ValueError, match=r"Conv2d\) expects inputs of shape \(B, 1, H, W\), got a box of shape "
+                                         r"\(1, 28, 28\); was x passed without its batch dimension"):
+        pyibp.interval_bounds(model, torch.rand(1, 28, 28), 0.1)
+
+
+def test_huge_eps_on_an_unbounded_domain_gives_infinite_bounds_not_nan():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    x, y = torch.randn(2, 4), torch.tensor([0, 2])
+    kw = dict(lower=-float("inf"), upper=float("inf"))
+    lb, ub = pyibp.interval_bounds(model, x, 3e38, **kw)
+    assert not torch.isnan(lb).any() and not torch.isnan(ub).any()
+    assert (lb <= model(x)).all() and (model(x) <= ub).all()
+    for method in ("ibp", "crown-ibp"):
+        m = pyibp.margin_bounds(model, x, y, 3e38, method=method, **kw)
+        assert not torch.isnan(m).any() and (m <= 0).all()
+    assert not torch.isnan(pyibp.crown_ibp_robust_ce(model, x, y, 3e38, **kw)).any()

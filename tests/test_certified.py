@@ -12,7 +12,7 @@ import pyibp
 from pyibp.attacks import pgd
 from pyibp.certified_training import certified_train_epoch, ibp_init, ibp_loss, shi_regularizer
 from pyibp.certify import robustness_report, verify
-from pyibp.crown import margin_pass
+from pyibp.bounds.crown import margin_pass
 from pyibp.data import loader, mnist5k
 from pyibp.models import cnn7, resnet_small
 from pyibp.schedules import Constant, LinearRamp, SmoothRamp, StepList, as_schedule
@@ -89,10 +89,10 @@ def test_ibp_loss_is_the_kappa_mix_of_clean_and_robust_cross_entropy():
     expected = 0.3 * F.cross_entropy(model(x), y) + 0.7 * F.cross_entropy(-m, y)
     torch.testing.assert_close(ibp_loss(model, x, y, EPS, 0.3), expected)
     torch.testing.assert_close(ibp_loss(model, x, y, EPS, 1.0), F.cross_entropy(model(x), y))
-    mixed = pyibp.crown.crown_ibp_mixed_margins(model, x, y, EPS, 0.4)
+    mixed = pyibp.bounds.crown.crown_ibp_mixed_margins(model, x, y, EPS, 0.4)
     torch.testing.assert_close(ibp_loss(model, x, y, EPS, 0.0, method="crown-ibp", beta=0.4),
                                F.cross_entropy(-mixed, y))
-    fused = pyibp.crown.crown_ibp_robust_ce(model, x, y, EPS)
+    fused = pyibp.bounds.crown.crown_ibp_robust_ce(model, x, y, EPS)
     torch.testing.assert_close(ibp_loss(model, x, y, EPS, 0.3, method="crown-ibp", beta=0.4, loss_fusion=True),
                                0.3 * F.cross_entropy(model(x), y)
                                + 0.7 * (0.4 * fused + 0.6 * F.cross_entropy(-m, y, reduction="none")).mean())
@@ -403,11 +403,11 @@ def test_bounds_with_batch_statistics_are_the_bounds_of_the_network_with_those_s
     torch.manual_seed(0)
     model = bn_cnn().double()
     x, y = torch.rand(6, 1, 14, 14, dtype=torch.float64), torch.randint(0, 3, (6,))
-    with pyibp.layers.batch_statistics(model) as stats:
+    with pyibp.batch_statistics(model) as stats:
         model.train()(x)
         model.eval()
         inside = pyibp.margin_bounds(model, x, y, 0.05)
-        inside_crown = pyibp.crown.crown_ibp_robust_ce(model, x, y, 0.05)
+        inside_crown = pyibp.bounds.crown.crown_ibp_robust_ce(model, x, y, 0.05)
     assert len(stats) == 2
     fixed = copy.deepcopy(model)   # the same network with the batch statistics as running statistics
     with torch.no_grad():
@@ -415,7 +415,7 @@ def test_bounds_with_batch_statistics_are_the_bounds_of_the_network_with_those_s
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
     torch.testing.assert_close(inside, pyibp.margin_bounds(fixed, x, y, 0.05))
-    torch.testing.assert_close(inside_crown, pyibp.crown.crown_ibp_robust_ce(fixed, x, y, 0.05))
+    torch.testing.assert_close(inside_crown, pyibp.bounds.crown.crown_ibp_robust_ce(fixed, x, y, 0.05))
     # outside the block the running statistics are back
     assert not torch.allclose(pyibp.margin_bounds(model, x, y, 0.05), inside)
 

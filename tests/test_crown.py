@@ -15,7 +15,7 @@ from torch import nn
 import pyibp
 import torch.nn.functional as F
 
-from pyibp.crown import (_back_relu, crown_ibp_margin_bounds, crown_ibp_mixed_margins, crown_ibp_robust_ce,
+from pyibp.bounds.crown import (_back_relu, crown_ibp_margin_bounds, crown_ibp_mixed_margins, crown_ibp_robust_ce,
                          margin_pass)
 from pyibp.models import resnet_small
 from pyibp.nn import Normalize, Residual
@@ -475,7 +475,7 @@ def test_backward_pass_in_chunks_of_examples_equals_the_whole_batch(make, monkey
         return m.detach(), [p.grad.clone() for p in model.parameters()]
 
     whole, whole_grads = bounds_and_grads()
-    monkeypatch.setattr(pyibp.crown, "_CPU_CHUNK_BYTES", 1)       # one example at a time
+    monkeypatch.setattr(pyibp.bounds.crown, "_CPU_CHUNK_BYTES", 1)       # one example at a time
     chunked, chunked_grads = bounds_and_grads()
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     for a, b in zip(chunked_grads, whole_grads):

@@ -1,11 +1,12 @@
 """CROWN-IBP margin bounds (Zhang et al., "Towards Stable and Efficient Training of Verifiably
 Robust Neural Networks", ICLR 2020).
 
-Two passes over the network:
+Two passes over the bound graph (:mod:`pyibp.bounds.graph`):
 
-1. **IBP forward**, recording the box in front of every ReLU (and MaxPool): the pre-activation
-   bounds ``[l, u]`` that the relaxations need.
-2. **One CROWN backward pass** from the margin specification. Row j of ``C`` is ``e_y - e_j``; it is
+1. **IBP forward** (:func:`pyibp.bounds.ibp.propagate`), recording the box in front of every ReLU,
+   MaxPool and other activation: the pre-activation bounds ``[l, u]`` the relaxations need.
+2. **One CROWN backward pass** (:func:`_backward`, one rule per node kind) from the margin
+   specification. Row j of ``C`` is ``e_y - e_j``; it is
    folded into the last Linear (``A = W[y] - W[j]``) and pushed back to the input as a linear
    function ``Λ x + c`` that lower-bounds the margin on the whole box. Each layer maps ``A`` to
    ``A W`` (Linear), ``conv_transpose2d(A, W)`` (Conv2d), ``A⁺ s_low + A⁻ s_up`` (ReLU, with the
@@ -18,30 +19,30 @@ Cost: the backward pass carries K-1 specification rows per example (the row j = 
 is skipped), so it costs about K-1 forward passes of the network without its last layer, on top
 of the IBP pass; its tensors ``A`` are K-1 times the size of the activations (on CPU the pass runs
 over chunks of examples that keep each ``A`` under 8 MiB, see ``_CPU_CHUNK_BYTES``). MaxPool2d has a
-sound relaxation of its own (see ``_back_maxpool``); a :class:`pyibp.nn.Residual` block sends
-``A`` through both branches and adds the results.
+sound relaxation of its own (see ``_back_maxpool``), the other activations the lines of
+:mod:`pyibp.bounds.relaxations`; a node with several users (a residual block's input, the
+branches of a ``torch.cat``) receives the sum of the ``A`` its users send back.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from . import ops
-from .bounds import (FusedBackend, _check_labels, _check_model_device, _full_precision, _last_linear, _param,
-                     check_box, propagate)
-from .layers import batchnorm_scale_shift, conv_padding, flatten_layers
-from .nn import Normalize, Residual
+from .. import ops
+from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, compute_dtype, domain
+from .graph import BoundGraph, affine_scale_shift, bound_graph, conv_params, linear_params, resolve
+from .ibp import (FusedBackend, Trace, _full_precision, _param, cat_dim, const_scale_shift, ibp_margin_bounds,
+                  ibp_margins, mean_dims, no_nan, pad_args)
+from .relaxations import relaxation
 
 __all__ = ["crown_ibp_margin_bounds", "crown_ibp_mixed_margins", "crown_ibp_robust_ce", "margin_pass", "MarginPass"]
 
 Pair = Tuple[Tensor, Tensor]
-Eps = Union[float, Tensor]
 
 
 class MarginPass(NamedTuple):
@@ -63,67 +64,6 @@ class MarginPass(NamedTuple):
     input_box: Pair
     pre_activations: List[Pair]
     fused_ce: Optional[Tensor] = None
-
-
-# ---------------------------------------------------------------------------------------------
-# shapes
-def _input_shapes(layers: Sequence[nn.Module], shape: Tuple[int, ...]) -> List[Tuple[int, ...]]:
-    """The per-example input shape of every layer, worked out on the meta device (no arithmetic)."""
-    shapes = []
-    t = torch.empty((1,) + tuple(shape), device="meta")
-    for i, layer in enumerate(layers):
-        shapes.append(tuple(t.shape[1:]))
-        if isinstance(layer, nn.Linear):
-            t = t.new_empty(t.shape[:-1] + (layer.out_features,))
-        elif isinstance(layer, nn.Conv2d):
-            w = torch.empty(layer.weight.shape, device="meta")
-            t = F.conv2d(t, w, None, layer.stride, conv_padding(i, layer), layer.dilation, layer.groups)
-        elif isinstance(layer, (nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)):
-            t = layer(t)
-        elif isinstance(layer, Residual):
-            t = t.new_empty((1,) + _input_shapes(flatten_layers(layer.body), t.shape[1:])[-1])
-    shapes.append(tuple(t.shape[1:]))
-    return shapes
-
-
-@dataclass
-class _Trace:
-    """What the backward pass needs of one chain of layers, recorded by the IBP pass.
-
-    ``shapes[i]``: the per-example input shape of ``layers[i]`` (one more entry: the output's).
-    ``boxes[i]``: the box in front of layer i: ``(mu, rad)`` for a ReLU, ``(lower, upper)`` for a
-    MaxPool; for a Residual layer the traces of its two branches ``(body, shortcut)``.
-    """
-
-    layers: List[nn.Module]
-    shapes: List[Tuple[int, ...]]
-    boxes: Dict[int, Union[Pair, Tuple["_Trace", "_Trace"]]] = field(default_factory=dict)
-
-    def split(self, size: int, count: int) -> List["_Trace"]:
-        """The traces of the ``count`` consecutive chunks of ``size`` examples. The boxes are cut
-        with ``torch.split``, whose backward pass is one concatenation (slicing would cost a
-        zero-filled copy of every box per chunk)."""
-        parts = {i: [b.split(size, count) if isinstance(b, _Trace) else b.split(size) for b in box]
-                 for i, box in self.boxes.items()}
-        return [_Trace(self.layers, self.shapes, {i: tuple(piece[k] for piece in pieces)
-                                                  for i, pieces in parts.items()})
-                for k in range(count)]
-
-    def largest_shape(self) -> int:
-        """The largest per-example number of features in front of or behind any layer, branches included."""
-        sizes = [math.prod(shape) for shape in self.shapes]
-        sizes += [b.largest_shape() for box in self.boxes.values() for b in box if isinstance(b, _Trace)]
-        return max(sizes)
-
-    def pre_activations(self) -> Iterator[Pair]:
-        """The boxes ``(lower, upper)`` in front of every ReLU, in network order (branches: body,
-        then shortcut)."""
-        for i in sorted(self.boxes):
-            if isinstance(self.layers[i], nn.ReLU):
-                yield ops.center_to_interval(*self.boxes[i])
-            elif isinstance(self.layers[i], Residual):
-                for branch in self.boxes[i]:
-                    yield from branch.pre_activations()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +100,7 @@ class _ChannelsLastBackend(FusedBackend):
     same layout neither the ReLU steps nor the gradients need layout conversions; oneDNN's forward
     convolutions are also faster that way."""
 
-    def start(self, x: Tensor, eps: Tensor, lower: float, upper: float) -> Pair:
+    def start(self, x: Tensor, eps: Tensor, lower: Bound, upper: Bound) -> Pair:
         mu, rad = super().start(x, eps, lower, upper)
         if mu.dim() != 4:
             return mu, rad
@@ -180,20 +120,26 @@ def _back_linear(A: Tensor, const: Tensor, weight: Tensor, bias: Optional[Tensor
     return A @ weight, const
 
 
-def _back_conv2d(A: Tensor, const: Tensor, layer: nn.Conv2d, index: int, weight: Tensor,
-                 bias: Optional[Tensor], in_shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
+def _back_conv(A: Tensor, const: Tensor, p, in_shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
+    """Through a Conv1d/Conv2d with parameters ``p`` (:class:`pyibp.bounds.graph.ConvParams`):
+    its adjoint, a transposed convolution. A Conv1d runs as a Conv2d over a height of 1."""
+    weight, stride, padding, dilation = p.weight, p.stride, p.padding, p.dilation
+    one_d = weight.dim() == 3
+    if one_d:
+        A, in_shape = A.unsqueeze(3), (in_shape[0], 1, in_shape[1])
+        weight, stride, padding, dilation = weight.unsqueeze(2), [1] + stride, [0] + padding, [1] + dilation
     batch, rows = A.shape[:2]
-    if bias is not None:
-        const = const + A.sum((3, 4)) @ bias
-    padding = conv_padding(index, layer)
+    if p.bias is not None:
+        const = const + A.sum((3, 4)) @ p.bias
     # conv_transpose2d cannot know how many rows/columns a strided convolution dropped at the end.
-    out_padding = [size - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-                   for size, o, s, p, d, k in zip(in_shape[1:], A.shape[3:], layer.stride, padding,
-                                                  layer.dilation, layer.kernel_size)]
+    kernel = weight.shape[2:]
+    out_padding = [size - ((o - 1) * s - 2 * q + d * (k - 1) + 1)
+                   for size, o, s, q, d, k in zip(in_shape[1:], A.shape[3:], stride, padding, dilation, kernel)]
     # Channels-last: the transposed convolution runs about twice as fast on CPU (oneDNN) that way.
     A = _A_channels_last(A).flatten(0, 1)
-    A = F.conv_transpose2d(A, weight, None, layer.stride, padding, out_padding, layer.groups, layer.dilation)
-    return A.view(batch, rows, *in_shape), const
+    A = F.conv_transpose2d(A, weight, None, stride, padding, out_padding, p.groups, dilation)
+    A = A.view(batch, rows, *in_shape)
+    return (A.squeeze(3) if one_d else A), const
 
 
 def _flat_features(t: Tensor, channels_last: bool) -> Tensor:
@@ -235,15 +181,44 @@ def _back_affine(A: Tensor, const: Tensor, scale: Tensor, shift: Tensor) -> Tupl
     return A * view, const + per_channel @ shift
 
 
-def _back_avgpool(A: Tensor, layer: nn.AvgPool2d, in_shape: Tuple[int, ...]) -> Tensor:
-    # The adjoint of average pooling is its input gradient; the aten op only reads `self`'s shape.
+def _back_avgpool(A: Tensor, layer: nn.Module, in_shape: Tuple[int, ...]) -> Tensor:
+    """The adjoint of (adaptive) average pooling is its input gradient; the aten ops only read
+    their input's shape."""
     batch, rows = A.shape[:2]
     g = A.flatten(0, 1)
     shape_only = g.new_zeros(()).expand((g.shape[0],) + tuple(in_shape))
-    out = torch.ops.aten.avg_pool2d_backward(g, shape_only, _pair(layer.kernel_size), _pair(layer.stride),
-                                             _pair(layer.padding), layer.ceil_mode,
-                                             layer.count_include_pad, layer.divisor_override)
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        out = torch.ops.aten._adaptive_avg_pool2d_backward(g, shape_only)
+    else:
+        out = torch.ops.aten.avg_pool2d_backward(g, shape_only, _pair(layer.kernel_size),
+                                                 _pair(layer.stride if layer.stride is not None else layer.kernel_size),
+                                                 _pair(layer.padding), layer.ceil_mode, layer.count_include_pad,
+                                                 layer.divisor_override)
     return out.view(batch, rows, *in_shape)
+
+
+def _back_activation(A: Tensor, const: Tensor, module: nn.Module, lower: Tensor, upper: Tensor
+                     ) -> Tuple[Tensor, Tensor]:
+    """A lower bound of ``A f(z)`` takes f's lower line where A >= 0 and its upper line where A < 0."""
+    a_low, b_low, a_up, b_up = (t[:, None] for t in relaxation(module, lower, upper))
+    A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
+    return A_pos * a_low + A_neg * a_up, const + _sum_over_features(A_pos * b_low + A_neg * b_up)
+
+
+def _lift(c, ndim: int):
+    """A constant broadcastable to a value (B, *) as a tensor broadcastable to A (B, R, *)."""
+    if not isinstance(c, Tensor):
+        return c
+    return c.reshape((1,) * (ndim - c.dim()) + tuple(c.shape)).unsqueeze(1)
+
+
+def _unbroadcast(A: Tensor, in_shape: Tuple[int, ...]) -> Tensor:
+    """A (B, R, *out) summed down to (B, R, *in_shape), the adjoint of broadcasting in_shape to out."""
+    extra = A.dim() - 2 - len(in_shape)
+    if extra:
+        A = A.sum(tuple(range(2, 2 + extra)))
+    dims = tuple(i + 2 for i, (n, m) in enumerate(zip(in_shape, A.shape[2:])) if n == 1 and m != 1)
+    return A.sum(dims, keepdim=True) if dims else A
 
 
 def _back_maxpool(A: Tensor, const: Tensor, layer: nn.MaxPool2d, lower: Tensor, upper: Tensor
@@ -256,7 +231,7 @@ def _back_maxpool(A: Tensor, const: Tensor, layer: nn.MaxPool2d, lower: Tensor, 
     """
     batch, rows, channels, out_h, out_w = A.shape
     height, width = lower.shape[2:]
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (layer.kernel_size, layer.stride,
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (layer.kernel_size, layer.stride or layer.kernel_size,
                                                                  layer.padding, layer.dilation))
     # Pad with -inf (ceil_mode windows may overhang at the end; negative padding crops) and unfold.
     pad_b = (out_h - 1) * sh + dh * (kh - 1) + 1 - height - ph
@@ -284,73 +259,145 @@ def _back_maxpool(A: Tensor, const: Tensor, layer: nn.MaxPool2d, lower: Tensor, 
     return A_in.view(batch, rows, channels, height, width), const
 
 
-def _backward(trace: _Trace, A: Tensor, const: Tensor, dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
-    """Pushes ``A z + const`` (z: the output of ``trace.layers``) back to their input.
+# ---------------------------------------------------------------------------------------------
+# the walker
+def _backward(graph: BoundGraph, trace: Trace, A: Tensor, const: Tensor, start: int,
+              dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    """Pushes ``A z + const`` (z: the value of node ``start``) back to the graph's input, node by
+    node in reverse topological order; a node used twice receives the sum of its users' A.
 
     Returns ``(Λ, c)`` with ``A z + const >= Λ x + c`` for every input x of the box the trace's
     IBP boxes were computed on.
     """
-    for i in reversed(range(len(trace.layers))):
-        layer, in_shape = trace.layers[i], trace.shapes[i]
-        if isinstance(layer, nn.Linear):
-            A, const = _back_linear(A, const, _param(layer.weight, dtype), _param(layer.bias, dtype))
-        elif isinstance(layer, nn.Conv2d):
-            A, const = _back_conv2d(A, const, layer, i, _param(layer.weight, dtype),
-                                    _param(layer.bias, dtype), in_shape)
-        elif isinstance(layer, nn.ReLU):
-            A, const = _back_relu(A, const, *trace.boxes[i])
-        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d, Normalize)):
-            scale, shift = (layer.scale_shift() if isinstance(layer, Normalize)
-                            else batchnorm_scale_shift(layer))
-            A, const = _back_affine(A, const, _param(scale, dtype), _param(shift, dtype))
-        elif isinstance(layer, nn.AvgPool2d):
-            A = _back_avgpool(A, layer, in_shape)
-        elif isinstance(layer, nn.MaxPool2d):
-            A, const = _back_maxpool(A, const, layer, *trace.boxes[i])
-        elif isinstance(layer, nn.Flatten):
-            A = A.reshape(A.shape[:2] + in_shape)
-        elif isinstance(layer, Residual):
-            body, shortcut = trace.boxes[i]
-            A_body, const = _backward(body, A, const, dtype)
-            A_shortcut, const = _backward(shortcut, A, const, dtype)
-            A = A_body + A_shortcut
-        # Identity and Dropout (eval) are the identity map.
-    return A, const
+    nodes = graph.nodes
+    pending: Dict[int, Tensor] = {start: A}
+    lam = None
+    for i in range(start, -1, -1):
+        A = pending.pop(i, None)
+        if A is None:
+            continue
+        node = nodes[i]
+        if node.kind == "input":
+            lam = A
+            continue
+        contributions, const = _BACK[node.kind](node, A, const, trace, dtype)
+        for j, A_j in contributions:
+            pending[j] = pending[j] + A_j if j in pending else A_j
+    if lam is None:                 # the output does not depend on the input
+        lam = A.new_zeros(A.shape[:2] + trace.shapes[0])
+    return lam, const
 
 
-# ---------------------------------------------------------------------------------------------
-# the IBP pass that records the boxes
-def _ibp_pass(layers: List[nn.Module], shapes: List[Tuple[int, ...]], state: Pair, backend: FusedBackend,
-              dtype: Optional[torch.dtype]) -> Tuple[Pair, _Trace]:
-    """IBP through ``layers`` (input shapes ``shapes``, from :func:`_input_shapes`); returns the
-    output box and the :class:`_Trace` of the layers.
+def _in_shape(node, trace: Trace, k: int = 0) -> Tuple[int, ...]:
+    return trace.shapes[node.inputs[k]]
 
-    :func:`pyibp.bounds.propagate` runs the layers between MaxPool and Residual layers, reporting the
-    box in front of each ReLU; the boxes in front of a MaxPool are taken here, and a Residual's
-    branches are traced recursively.
-    """
-    trace = _Trace(layers, shapes)
-    start = 0
-    stops = [i for i, layer in enumerate(layers) if isinstance(layer, (nn.MaxPool2d, Residual))]
-    for stop in stops + [len(layers)]:
-        def record(i: int, s: Pair, offset: int = start) -> None:
-            trace.boxes[offset + i] = s
-        state = propagate(layers[start:stop], state, backend, dtype=dtype, on_relu=record)
-        if stop == len(layers):
-            break
-        layer = layers[stop]
-        if isinstance(layer, nn.MaxPool2d):
-            trace.boxes[stop] = backend.bounds(state)
-            state = propagate([layer], state, backend, dtype=dtype)
-        else:
-            branches = [flatten_layers(branch) for branch in (layer.body, layer.shortcut)]
-            (body_state, body), (shortcut_state, shortcut) = (
-                _ibp_pass(branch, _input_shapes(branch, shapes[stop]), state, backend, dtype)
-                for branch in branches)
-            trace.boxes[stop] = (body, shortcut)
-            state = backend.add(body_state, shortcut_state)
-        start = stop + 1
-    return state, trace
+
+def _b_linear(node, A, const, trace, dtype):
+    weight, bias = linear_params(node, trace.constants)
+    A, const = _back_linear(A, const, _param(weight, dtype), _param(bias, dtype))
+    return [(node.inputs[0], A)], const
+
+
+def _b_conv(node, A, const, trace, dtype):
+    p = conv_params(node, trace.constants)
+    p.weight, p.bias = _param(p.weight, dtype), _param(p.bias, dtype)
+    A, const = _back_conv(A, const, p, _in_shape(node, trace))
+    return [(node.inputs[0], A)], const
+
+
+def _b_affine(node, A, const, trace, dtype):
+    scale, shift = affine_scale_shift(node, dtype)
+    A, const = _back_affine(A, const, scale, shift)
+    return [(node.inputs[0], A)], const
+
+
+def _b_relu(node, A, const, trace, dtype):
+    A, const = _back_relu(A, const, *trace.boxes[node.index])
+    return [(node.inputs[0], A)], const
+
+
+def _b_activation(node, A, const, trace, dtype):
+    A, const = _back_activation(A, const, node.module, *trace.boxes[node.index])
+    return [(node.inputs[0], A)], const
+
+
+def _b_maxpool(node, A, const, trace, dtype):
+    A, const = _back_maxpool(A, const, node.module, *trace.boxes[node.index])
+    return [(node.inputs[0], A)], const
+
+
+def _b_pool(node, A, const, trace, dtype):
+    return [(node.inputs[0], _back_avgpool(A, node.module, _in_shape(node, trace)))], const
+
+
+def _b_mean(node, A, const, trace, dtype):
+    in_shape = _in_shape(node, trace)
+    dims, keepdim = mean_dims(node, trace.constants, len(in_shape) + 1)
+    if not keepdim:
+        for d in sorted(dims):
+            A = A.unsqueeze(d + 1)
+    count = math.prod(in_shape[d - 1] for d in dims)
+    return [(node.inputs[0], A.expand(A.shape[:2] + in_shape) / count)], const
+
+
+def _b_reshape(node, A, const, trace, dtype):
+    return [(node.inputs[0], A.reshape(A.shape[:2] + _in_shape(node, trace)))], const
+
+
+def _b_index(node, A, const, trace, dtype):
+    """A permutation or selection of features: A's entries go back to the features they came from,
+    found by applying the op to the features' indices (one example)."""
+    in_shape = _in_shape(node, trace)
+    args, kwargs = resolve(node.args[1:], trace.constants), resolve(node.kwargs, trace.constants)
+    n = math.prod(in_shape)
+    index = node.call(torch.arange(n, device=A.device).view((1,) + in_shape), *args, **kwargs)
+    if tuple(index.shape[1:]) != tuple(A.shape[2:]):
+        raise TypeError(f"{node.describe()} selects along the batch dimension; pyibp bounds each example alone")
+    batch, rows = A.shape[:2]
+    out = A.new_zeros(batch, rows, n).index_add_(2, index.flatten(), A.reshape(batch, rows, -1))
+    return [(node.inputs[0], out.view(A.shape[:2] + in_shape))], const
+
+
+def _b_identity(node, A, const, trace, dtype):
+    return [(node.inputs[0], A)], const
+
+
+def _b_pad(node, A, const, trace, dtype):
+    pad, value = pad_args(node, trace.constants)
+    A_in = F.pad(A, [-p for p in pad])          # cropping is the adjoint of zero padding
+    if value:
+        const = const + value * (_sum_over_features(A) - _sum_over_features(A_in))
+    return [(node.inputs[0], A_in)], const
+
+
+def _b_const_affine(node, A, const, trace, dtype):
+    scale, shift = const_scale_shift(node, trace.constants, dtype)
+    ndim = A.dim() - 1
+    if shift is not None:
+        const = const + (_sum_over_features(A * _lift(shift, ndim)) if isinstance(shift, Tensor)
+                         else shift * _sum_over_features(A))
+    if scale is not None:
+        A = A * _lift(scale, ndim)
+    return [(node.inputs[0], _unbroadcast(A, _in_shape(node, trace)))], const
+
+
+def _b_add(node, A, const, trace, dtype):
+    a, b = (r.index for r in node.args[:2])
+    A_b = _unbroadcast(A, trace.shapes[b])
+    return [(a, _unbroadcast(A, trace.shapes[a])), (b, A_b if node.kind == "add" else -A_b)], const
+
+
+def _b_cat(node, A, const, trace, dtype):
+    refs = node.args[0] if node.args else node.kwargs["tensors"]
+    dim = cat_dim(node, trace.constants, len(trace.shapes[refs[0].index]) + 1)
+    sizes = [trace.shapes[r.index][dim - 1] for r in refs]
+    return list(zip((r.index for r in refs), A.split(sizes, dim + 1))), const
+
+
+_BACK = {"linear": _b_linear, "conv": _b_conv, "affine": _b_affine, "relu": _b_relu, "activation": _b_activation,
+         "maxpool": _b_maxpool, "avgpool": _b_pool, "adaptive_avgpool": _b_pool, "mean": _b_mean,
+         "reshape": _b_reshape, "index": _b_index, "identity": _b_identity, "pad": _b_pad,
+         "const_affine": _b_const_affine, "add": _b_add, "sub": _b_add, "cat": _b_cat}
 
 
 # Larger CPU tensors are mmapped afresh by glibc's allocator at every allocation and page-faulted in,
@@ -358,13 +405,14 @@ def _ibp_pass(layers: List[nn.Module], shapes: List[Tuple[int, ...]], state: Pai
 _CPU_CHUNK_BYTES = 8 * 2**20
 
 
-def _examples_per_chunk(trace: _Trace, A: Tensor, batch: int) -> int:
+def _examples_per_chunk(trace: Trace, A: Tensor, batch: int) -> int:
     """How many examples the backward pass takes at a time: on CPU, as many as keep every A tensor
     under ``_CPU_CHUNK_BYTES``; with one row (loss fusion) or elsewhere (CUDA's caching allocator)
     the whole batch."""
     if A.device.type != "cpu" or A.shape[1] == 1:   # one row: A is no larger than the IBP boxes
         return max(batch, 1)
-    per_example = A.shape[1] * trace.largest_shape() * A.element_size()
+    largest = max(math.prod(shape) for shape in trace.shapes.values())
+    per_example = A.shape[1] * largest * A.element_size()
     return max(1, min(batch, _CPU_CHUNK_BYTES // max(per_example, 1)))
 
 
@@ -381,49 +429,40 @@ def _spec_rows(y: Tensor, others: Tensor, num_classes: int, dtype: torch.dtype) 
     return rows.scatter_(2, others[..., None], -1.0)
 
 
-def _margin_pass(layers: List[nn.Module], x: Tensor, y: Tensor, eps_t: Tensor, lower: float, upper: float,
+def _margin_pass(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: Bound, upper: Bound,
                  dtype: Optional[torch.dtype], crown: bool, fused: bool = False, boxes: bool = True) -> MarginPass:
     """The work behind :func:`margin_pass`, on validated arguments. ``fused``: compute the
     loss-fusion bound ``fused_ce`` instead of the CROWN-IBP margins. ``boxes``: fill in
-    ``pre_activations`` (else it is empty). Never under autocast (see ``bounds._full_precision``)."""
+    ``pre_activations`` (else it is empty). Never under autocast (see ``ibp._full_precision``)."""
     with _full_precision(x):
-        return _margin_pass_full_precision(layers, x, y, eps_t, lower, upper, dtype, crown, fused, boxes)
+        return _margin_pass_full_precision(graph, x, y, eps_t, lower, upper, dtype, crown, fused, boxes)
 
 
-def _margin_pass_full_precision(layers: List[nn.Module], x: Tensor, y: Tensor, eps_t: Tensor, lower: float,
-                                upper: float, dtype: Optional[torch.dtype], crown: bool, fused: bool,
+def _margin_pass_full_precision(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: Bound,
+                                upper: Bound, dtype: Optional[torch.dtype], crown: bool, fused: bool,
                                 boxes: bool) -> MarginPass:
     if dtype is not None:
         x, eps_t = x.to(dtype), eps_t.to(dtype)
     y = y.long()
     backend = _ChannelsLastBackend() if crown or fused else FusedBackend()
-    box = backend.start(x, eps_t, float(lower), float(upper))
-    shapes = _input_shapes(layers, tuple(x.shape[1:]))
-    body, last = _last_linear(layers)
-    if last is not None and len(shapes[len(body)]) != 1:
-        body, last = layers, None       # a Linear over extra dimensions: C acts on the flat output
-    state, trace = _ibp_pass(body, shapes[:len(body) + 1], box, backend, dtype)
-    batch = x.shape[0]
-    if last is not None:
-        weight, bias = _param(last.weight, dtype), _param(last.bias, dtype)
-        num_classes = weight.shape[0]
-        _check_labels(y, x, num_classes)
-        ibp = backend.margins(state, weight, bias, y)
-    else:
-        low, up = (t.flatten(1) for t in backend.bounds(state))
-        num_classes = low.shape[1]
-        _check_labels(y, x, num_classes)
-        ibp = (low.gather(1, y[:, None]) - up).scatter(1, y[:, None], 0.0)
-    pre_activations = list(trace.pre_activations()) if boxes else []
+    box = backend.start(x, eps_t, *domain(x, lower, upper))
+    trace = Trace()
+    ibp, state, last = ibp_margins(graph, box, backend, y, dtype, trace)
+    batch, num_classes = ibp.shape
+    pre_activations = [ops.center_to_interval(*trace.boxes[n.index]) for n in graph.relus()
+                       if n.index in trace.boxes] if boxes else []
     if not (crown or fused):
-        return MarginPass(ibp, None, box, pre_activations)
+        return MarginPass(no_nan(ibp, -math.inf), None, box, pre_activations)
 
     others = _other_classes(y, num_classes)
     if last is not None:                     # C folded into the last Linear: rows W[y] - W[j]
+        weight, bias = last
+        start = graph.nodes[graph.last_linear].inputs[0]
         A = weight[y][:, None, :] - weight[others]
         const = (bias[y][:, None] - bias[others]) if bias is not None else A.new_zeros(others.shape)
     else:
-        A = _spec_rows(y, others, num_classes, ibp.dtype).reshape(others.shape + trace.shapes[-1])
+        start = graph.logits
+        A = _spec_rows(y, others, num_classes, ibp.dtype).reshape(others.shape + trace.shapes[start])
         const = A.new_zeros(others.shape)
     if fused:
         # Loss fusion: the K-1 rows collapse into one, weighted by the slopes of exp's chords.
@@ -438,19 +477,20 @@ def _margin_pass_full_precision(layers: List[nn.Module], x: Tensor, y: Tensor, e
         weights, offset, scale = _exp_chords(torch.minimum(diff_low, diff_up), diff_up)
         A = torch.bmm(weights[:, None, :], A.flatten(2)).view((batch, 1) + A.shape[2:])
         const = (weights * const).sum(1, keepdim=True)
-        low_bound = _crown_bound(trace, A, const, box, dtype)[:, 0]       # of sum_j w_j (z_y - z_j)
+        low_bound = _crown_bound(graph, trace, A, const, box, start, dtype)[:, 0]   # of sum_j w_j (z_y - z_j)
         # S <= e^scale (offset - low_bound), and S >= 1 (its j = y term), so the clamp only
         # removes rounding below the trivial bound.
         fused_ce = scale + torch.log(torch.maximum(offset - low_bound, torch.exp(-scale)))
-        return MarginPass(ibp, None, box, pre_activations, fused_ce)
-    bounds = _crown_bound(trace, A, const, box, dtype)
+        return MarginPass(no_nan(ibp, -math.inf), None, box, pre_activations, no_nan(fused_ce, math.inf))
+    bounds = _crown_bound(graph, trace, A, const, box, start, dtype)
     margins = ibp.new_zeros(batch, num_classes).scatter(1, others, bounds)
-    return MarginPass(ibp, margins, box, pre_activations)
+    return MarginPass(no_nan(ibp, -math.inf), no_nan(margins, -math.inf), box, pre_activations)
 
 
-def _crown_bound(trace: _Trace, A: Tensor, const: Tensor, box: Pair, dtype: Optional[torch.dtype]) -> Tensor:
-    """(B, R): lower bounds of ``A z + const`` (A (B, R, *output shape), const (B, R); z the output of
-    the trace's layers) over the input box, by one CROWN backward pass (in chunks of examples on CPU)."""
+def _crown_bound(graph: BoundGraph, trace: Trace, A: Tensor, const: Tensor, box: Pair, start: int,
+                 dtype: Optional[torch.dtype]) -> Tensor:
+    """(B, R): lower bounds of ``A z + const`` (A (B, R, *shape of node start), const (B, R)) over
+    the input box, by one CROWN backward pass (in chunks of examples on CPU)."""
     mu, rad = box
     batch = A.shape[0]
     chunk = _examples_per_chunk(trace, A, batch)
@@ -461,7 +501,7 @@ def _crown_bound(trace: _Trace, A: Tensor, const: Tensor, box: Pair, dtype: Opti
         count = -(-batch // chunk)
         pieces = zip(trace.split(chunk, count), *(t.split(chunk) for t in (A, const, mu, rad)))
     for part, A_part, const_part, mu_part, rad_part in pieces:
-        lam, c = _backward(part, A_part, const_part, dtype)
+        lam, c = _backward(graph, part, A_part, const_part, start, dtype)
         cl = _channels_last(lam)                       # Λ (b, R, *input shape) and the box flattened alike
         lam, mu_part, rad_part = _flat_features(lam, cl), _flat_box(mu_part, cl), _flat_box(rad_part, cl)
         bounds.append(c + torch.bmm(lam, mu_part[:, :, None])[..., 0]
@@ -493,18 +533,18 @@ def _exp_chords(low: Tensor, up: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return weights, offset, scale
 
 
-def _validated(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, lower: float, upper: float
-               ) -> Tuple[List[nn.Module], Tensor]:
-    layers = flatten_layers(model)
+def _validated(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, lower: Bound, upper: Bound,
+               dtype: Optional[torch.dtype]) -> Tuple[BoundGraph, Tensor, Optional[torch.dtype]]:
+    graph = bound_graph(model)
     eps_t = check_box(x, eps, lower, upper)
     _check_model_device(model, x)
     _check_labels(y, x, None)
-    return layers, eps_t
+    return graph, eps_t, compute_dtype(model, x, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
-def margin_pass(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: float = 0.0, upper: float = 1.0,
+def margin_pass(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0, upper: Bound = 1.0,
                 dtype: Optional[torch.dtype] = None, crown: bool = True) -> MarginPass:
     """IBP margins, CROWN-IBP margins (when ``crown``) and the recorded boxes, from one IBP pass.
 
@@ -526,12 +566,12 @@ def margin_pass(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: floa
         >>> p.ibp.shape, p.crown.shape, len(p.pre_activations)
         (torch.Size([4, 10]), torch.Size([4, 10]), 1)
     """
-    layers, eps_t = _validated(model, x, y, eps, lower, upper)
-    return _margin_pass(layers, x, y, eps_t, lower, upper, dtype, crown)
+    graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
+    return _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown)
 
 
-def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: float = 0.0,
-                            upper: float = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
+def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
+                            upper: Bound = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Lower bounds of ``logit_y - logit_j`` over the l∞ box around ``x`` by CROWN-IBP.
 
     IBP bounds the pre-activations of every ReLU; one CROWN backward pass from the specification
@@ -566,13 +606,13 @@ def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *,
         >>> bool((m >= pyibp.margin_bounds(model, x, y, 0.01) - 1e-6).all())
         True
     """
-    layers, eps_t = _validated(model, x, y, eps, lower, upper)
-    p = _margin_pass(layers, x, y, eps_t, lower, upper, dtype, crown=True)
+    graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
+    p = _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=True)
     return torch.maximum(p.crown, p.ibp)
 
 
 def crown_ibp_mixed_margins(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, beta: float, *,
-                            lower: float = 0.0, upper: float = 1.0, dtype: Optional[torch.dtype] = None
+                            lower: Bound = 0.0, upper: Bound = 1.0, dtype: Optional[torch.dtype] = None
                             ) -> Tensor:
     """The CROWN-IBP training bound ``beta * CROWN-IBP + (1 - beta) * IBP`` (Zhang et al. 2020, eq. 9).
 
@@ -594,14 +634,13 @@ def crown_ibp_mixed_margins(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, be
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     if beta == 0.0:
-        from .bounds import margin_bounds
-        return margin_bounds(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
+        return ibp_margin_bounds(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
     p = margin_pass(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
     return p.crown if beta == 1.0 else beta * p.crown + (1.0 - beta) * p.ibp
 
 
-def crown_ibp_robust_ce(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: float = 0.0,
-                        upper: float = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
+def crown_ibp_robust_ce(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
+                        upper: Bound = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Upper bounds of the worst-case cross-entropy ``max_{x' in box} CE(model(x'), y)`` by CROWN-IBP
     with loss fusion (Xu et al., "Automatic Perturbation Analysis for Scalable Certified Robustness
     and Beyond", NeurIPS 2020).
@@ -636,5 +675,5 @@ def crown_ibp_robust_ce(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, low
         >>> bool((ce >= F.cross_entropy(model(x), y, reduction="none") - 1e-6).all())
         True
     """
-    layers, eps_t = _validated(model, x, y, eps, lower, upper)
-    return _margin_pass(layers, x, y, eps_t, lower, upper, dtype, crown=False, fused=True).fused_ce
+    graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
+    return _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=False, fused=True).fused_ce
