@@ -1,4 +1,4 @@
-"""PGD-40 on the tutorial CNN: pyibp's attack against a tutorial-style loop, torchattacks, and the floor.
+"""PGD-40 and AutoAttack on the tutorial CNN: pyibp against a tutorial-style loop, torchattacks, and the floor.
 
 One process, one run. For every device (CPU, and CUDA when present) it times l∞ PGD (ε=0.1,
 α=0.01, 40 steps, no random start) on ``pyibp.models.tutorial_cnn()`` with a batch of 100
@@ -16,8 +16,18 @@ Reports the median of ``--repeats`` timed runs after a warm-up round, the method
 (``torch.cuda.synchronize()`` around each run on CUDA), prints a table with the ratios
 tutorial/pyibp and pyibp/floor, and writes JSON (default ``benchmarks/results/bench_attacks.json``).
 
+AutoAttack (standard, l∞, ε=0.1, on the CPU): :func:`pyibp.autoattack` and torchattacks'
+``AutoAttack(version="standard")`` side by side on the same examples of a tutorial CNN trained
+here on mnist-5k (one standard epoch, then ``--aa-epochs`` of FGSM adversarial training, ε=0.1, Adam), each run once:
+robust error and seconds, and their ratios. torchattacks is no dependency: install it anywhere
+(``pip install --no-deps --target /tmp/ta torchattacks``); the benchmark imports it from the
+environment or from ``/tmp/ta`` and says when it is absent. Its AutoAttack takes 10 steps per
+APGD/FAB run (the original and pyibp: 100) and rescales Square's schedule, so its numbers are
+not the original's.
+
 Usage:
     python benchmarks/bench_attacks.py [--device cpu|cuda|all] [--repeats 5] [--quick] [--out PATH]
+                                       [--aa-examples 100] [--aa-epochs 2] [--no-autoattack]
 """
 from __future__ import annotations
 
@@ -71,10 +81,31 @@ def floor_pgd(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> None:
             p.requires_grad_(flag)
 
 
-def torchattacks_pgd() -> Optional[Callable]:
+TORCHATTACKS_FOLDER = Path("/tmp/ta")   # where the benchmark's instructions install it
+
+
+def import_torchattacks():
+    """torchattacks from the environment, else from TORCHATTACKS_FOLDER; None when absent."""
     try:
         import torchattacks
+        return torchattacks
     except ImportError:
+        pass
+    if not TORCHATTACKS_FOLDER.is_dir():
+        return None
+    sys.path.append(str(TORCHATTACKS_FOLDER))
+    try:
+        import torchattacks
+        return torchattacks
+    except ImportError:
+        return None
+    finally:
+        sys.path.remove(str(TORCHATTACKS_FOLDER))
+
+
+def torchattacks_pgd() -> Optional[Callable]:
+    torchattacks = import_torchattacks()
+    if torchattacks is None:
         return None
 
     def run(model, x, y, eps, alpha, steps):
@@ -157,6 +188,80 @@ def print_table(results: List[Dict[str, object]], steps: int, repeats: int) -> N
     print("targets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
 
 
+def fgsm_trained_cnn(epochs: int, eps: float) -> nn.Module:
+    """The tutorial CNN after one standard epoch and ``epochs`` of FGSM training (random start,
+    step 1.25 eps) on mnist-5k with Adam (lr 1e-3), seeded; in eval mode."""
+    from pyibp.data import loader, mnist5k
+    from pyibp.train import fgsm_train_epoch, train_epoch
+
+    torch.manual_seed(0)
+    train, _ = mnist5k()
+    model = tutorial_cnn()
+    batches = loader(train, 100, shuffle=True, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_epoch(model, batches, opt, quiet=True)
+    for _ in range(epochs):
+        fgsm_train_epoch(model, batches, opt, eps=eps, quiet=True, generator=torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def bench_autoattack(examples: int, epochs: int, eps: float = EPS) -> Dict[str, object]:
+    """pyibp.autoattack and torchattacks.AutoAttack, standard l∞, on one model and the same examples."""
+    from pyibp.data import mnist5k
+
+    start = time.perf_counter()
+    model = fgsm_trained_cnn(epochs, eps)
+    train_seconds = time.perf_counter() - start
+    test = mnist5k()[1].tensors
+    chosen = torch.randperm(len(test[1]), generator=torch.Generator().manual_seed(0))[:examples]  # all classes
+    x, y = test[0][chosen], test[1][chosen]
+
+    def robust_error(x_adv: Tensor) -> float:
+        with torch.no_grad():
+            return (model(x_adv).argmax(1) != y).float().mean().item()
+
+    with torch.no_grad():
+        clean = (model(x).argmax(1) != y).float().mean().item()
+    runs: Dict[str, Dict[str, object]] = {}
+    start = time.perf_counter()
+    result = pyibp.autoattack(model, x, y, eps)
+    runs["pyibp"] = {"seconds": time.perf_counter() - start, "robust_error": robust_error(x + result.delta),
+                     "per_attack": result.report()["attacks"]}
+    torchattacks = import_torchattacks()
+    if torchattacks is not None:
+        attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+        start = time.perf_counter()
+        x_adv = attack(x, y)
+        runs["torchattacks"] = {"seconds": time.perf_counter() - start, "robust_error": robust_error(x_adv),
+                                "version": getattr(torchattacks, "__version__", "?")}
+    out: Dict[str, object] = {"examples": examples, "eps": eps, "train_epochs": epochs,
+                              "train_seconds": train_seconds, "clean_error": clean, "runs": runs,
+                              "torchattacks": "measured" if torchattacks is not None else
+                              f"not installed (import failed, nor found in {TORCHATTACKS_FOLDER}): skipped"}
+    if "torchattacks" in runs:
+        out["ratios"] = {"torchattacks/pyibp seconds": runs["torchattacks"]["seconds"] / runs["pyibp"]["seconds"],
+                         "pyibp - torchattacks robust error (points)":
+                             100 * (runs["pyibp"]["robust_error"] - runs["torchattacks"]["robust_error"])}
+    return out
+
+
+def print_autoattack(r: Dict[str, object]) -> None:
+    print(f"\nAutoAttack standard (l∞, eps={r['eps']}) on tutorial_cnn after 1 + {r['train_epochs']} epochs of "
+          f"FGSM training, {r['examples']} mnist-5k test images, cpu; clean error {100 * r['clean_error']:.1f}%")
+    header = f"{'method':<14}{'robust error (%)':>18}{'seconds':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, run in r["runs"].items():
+        print(f"{name:<14}{100 * run['robust_error']:>18.1f}{run['seconds']:>10.1f}")
+    for a in r["runs"]["pyibp"]["per_attack"]:
+        print(f"  pyibp {a['name']:<8} broke {a['broken']:>4} of {a['attacked']:>4}   robust error after "
+              f"{100 * a['robust_error']:5.1f}%   {a['seconds']:7.1f} s")
+    if "ratios" in r:
+        print("  " + ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items()))
+    else:
+        print(f"  torchattacks {r['torchattacks']}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
@@ -165,6 +270,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="10 steps and 3 repeats: a smoke run")
     parser.add_argument("--steps", type=int, default=40, help="PGD steps (default 40)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_attacks.json")
+    parser.add_argument("--aa-examples", type=int, default=100, help="AutoAttack test images (default 100; 50 with --quick)")
+    parser.add_argument("--aa-epochs", type=int, default=2, help="FGSM training epochs of the AutoAttack model (default 2)")
+    parser.add_argument("--no-autoattack", action="store_true", help="only the PGD timings")
     args = parser.parse_args(argv)
     steps, repeats = (10, 3) if args.quick else (args.steps, args.repeats)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -174,11 +282,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         devices.append(torch.device("cuda"))
     results = [bench_device(d, steps, repeats) for d in devices]
     print_table(results, steps, repeats)
+    autoattack = None
+    if not args.no_autoattack:
+        autoattack = bench_autoattack(50 if args.quick else args.aa_examples, 1 if args.quick else args.aa_epochs)
+        print_autoattack(autoattack)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "pgd_linf", "model": "tutorial_cnn", "batch": BATCH, "eps": EPS, "alpha": ALPHA,
               "steps": steps, "repeats": repeats, "quick": args.quick, "torch": torch.__version__,
               "pyibp": pyibp.__version__, "python": platform.python_version(), "targets": TARGETS,
-              "results": results}
+              "results": results, "autoattack": autoattack}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 

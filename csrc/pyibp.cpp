@@ -42,4 +42,11 @@ TORCH_LIBRARY(pyibp, m) {
         "float lower, float upper) -> ()");
   m.def("pgd_l2_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor alpha, "
         "float lower, float upper) -> ()");
+  // In-place APGD updates (Croce & Hein 2020): delta <- P(delta + momentum (z - delta) + (1 - momentum)
+  // (delta - previous)) with z = P(delta + step * direction(grad)), P the projection onto the eps-ball
+  // and the domain [lower, upper] (tensors: one value or one per element of x); previous <- delta.
+  m.def("apgd_linf_step_(Tensor(a!) delta, Tensor(b!) previous, Tensor grad, Tensor x, Tensor eps, "
+        "Tensor step, float momentum, Tensor lower, Tensor upper) -> ()");
+  m.def("apgd_l2_step_(Tensor(a!) delta, Tensor(b!) previous, Tensor grad, Tensor x, Tensor eps, "
+        "Tensor step, float momentum, Tensor lower, Tensor upper) -> ()");
 }

@@ -568,3 +568,63 @@ def abs_weight(weight: Tensor) -> Tensor:
         tensor([[1., 2.]])
     """
     return weight.abs()
+
+
+# ---------------------------------------------------------------------------------------------
+# APGD steps (in place, no autograd: attacks run them outside the graph)
+def apgd_linf_step_(delta: Tensor, previous: Tensor, grad: Tensor, x: Tensor, eps: Tensor, step: Tensor,
+                    momentum: float, lower: Tensor, upper: Tensor) -> Tensor:
+    """One l∞ APGD update (Croce & Hein 2020) in place, one pass over memory; returns ``delta``.
+
+    Args:
+        delta, previous: (B, *) the current and the previous perturbation, both updated in place
+            (``previous`` receives the current ``delta``).  grad: (B, *) the loss gradient at ``x + delta``.
+        x: (B, *) the clean input, inside ``[lower, upper]``.  eps, step: one value or (B,).
+        momentum: the weight of the new step, in [0, 1] (0.75 in APGD, 1 on its first step).
+        lower, upper: the domain, of x's dtype: one value or one per element of x.
+    Equivalent to (``P`` clamps onto ``[-eps, eps]`` and then onto ``[lower - x, upper - x]``)::
+
+        z = P(delta + step * grad.sign())
+        previous, delta = delta, P(delta + momentum * (z - delta) + (1 - momentum) * (delta - previous))
+
+    and then guarantees ``|delta| <= eps`` and ``lower <= x + delta <= upper`` exactly in the
+    tensor's dtype. With ``momentum=1`` it is the PGD step :func:`pgd_linf_step_` with a tensor domain.
+
+    Example:
+        >>> x = torch.rand(2, 3); d, p = torch.zeros(2, 3), torch.zeros(2, 3)
+        >>> lo, hi = torch.tensor(0.0), torch.tensor(1.0)
+        >>> _ = apgd_linf_step_(d, p, torch.randn(2, 3), x, torch.tensor(0.1), torch.tensor(0.2), 1.0, lo, hi)
+    """
+    _ops.apgd_linf_step_.default(delta, previous, grad, x, eps, step, momentum, lower, upper)
+    _bump_version(delta)
+    _bump_version(previous)
+    return delta
+
+
+def apgd_l2_step_(delta: Tensor, previous: Tensor, grad: Tensor, x: Tensor, eps: Tensor, step: Tensor,
+                  momentum: float, lower: Tensor, upper: Tensor) -> Tensor:
+    """One l2 APGD update in place; returns ``delta``. Arguments as in :func:`apgd_linf_step_`.
+
+    Equivalent to (per example, norms over all but the batch dimension; ``P`` scales into the
+    ball ``delta * min(1, eps / ||delta||)`` and then clamps onto ``[lower - x, upper - x]``)::
+
+        z = P(delta + step * grad / grad.norm())            # zero gradient: no move
+        previous, delta = delta, P(delta + momentum * (z - delta) + (1 - momentum) * (delta - previous))
+
+    with the result guaranteed inside the ball and the domain despite rounding.
+
+    Example:
+        >>> x = torch.rand(2, 3); d, p = torch.zeros(2, 3), torch.zeros(2, 3)
+        >>> lo, hi = torch.tensor(0.0), torch.tensor(1.0)
+        >>> _ = apgd_l2_step_(d, p, torch.randn(2, 3), x, torch.tensor(0.5), torch.tensor(1.0), 0.75, lo, hi)
+    """
+    _ops.apgd_l2_step_.default(delta, previous, grad, x, eps, step, momentum, lower, upper)
+    _bump_version(delta)
+    _bump_version(previous)
+    return delta
+
+
+for _name in ("apgd_linf_step_", "apgd_l2_step_"):
+    torch.library.register_fake(f"pyibp::{_name}")(
+        lambda delta, previous, grad, x, eps, step, momentum, lower, upper: None)
+__all__ += ["apgd_linf_step_", "apgd_l2_step_"]

@@ -428,6 +428,16 @@ def _bad_cases():
         "dataset": (lambda: load_dataset("svhn"), "name must be one of"),
         "loader": (lambda: loader(mnist5k()[1], 0), "batch_size"),
         "cyclic": (lambda: cyclic_lr(torch.optim.SGD(model.parameters(), 0.1), 0), "total_steps"),
+        "unbatched image": (lambda: pgd(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)),
+                                        torch.rand(1, 4, 4), torch.tensor([0]), 0.1, **kw),
+                            r"without its batch dimension .* x\[None\] of shape \(1, 1, 4, 4\)"),
+        "unbatched vector": (lambda: fgsm(model, x[0], y[:1], 0.1), "batch dimension"),
+        "channel bounds shape": (lambda: fgsm(model, x, y, 0.1, lower=torch.zeros(3), upper=1.0),
+                                 r"lower must be a float, a tensor of shape \(4,\)"),
+        "channel bounds order": (lambda: fgsm(model, x, y, 0.1, lower=torch.ones(4), upper=torch.zeros(4)),
+                                 "lower must be <= upper"),
+        "x outside channel bounds": (lambda: pgd(model, x, y, 0.1, lower=torch.full((4,), 0.5), upper=1.0, **kw),
+                                     "outside the input domain"),
     }
 
 
@@ -575,3 +585,83 @@ def test_pgd_step_bumps_the_version_so_autograd_sees_the_write():
     ops.pgd_linf_step_(d, torch.ones(2, 3), torch.full((2, 3), 0.5), torch.tensor(0.1), torch.tensor(0.1), 0.0, 1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs users have (issue 14)
+def test_fgsm_takes_l2_and_the_margin_loss():
+    model = mlp(12, 3).eval()
+    x, y = torch.rand(6, 12), torch.randint(0, 3, (6,))
+    delta = fgsm(model, x, y, 0.5, norm="l2", loss="margin")
+    # one normalised step of size eps along the margin's gradient, then the domain clamp
+    want = pgd(model, x, y, 0.5, alpha=0.5, steps=1, norm="l2", loss="margin")
+    assert torch.equal(delta, want)
+    assert_in_ball_and_domain(delta, x, 0.5, "l2", 0.0, 1.0)
+    assert (l2_norms(delta) > 0.3).all()
+    assert repr(FGSM(model, 0.5, norm="l2", loss="margin")).startswith("FGSM(eps=0.5, norm='l2', loss='margin'")
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_int32_labels_give_the_int64_result(attack):
+    model = mlp(12, 3).eval()
+    x, y = torch.rand(6, 12), torch.randint(0, 3, (6,))
+    run = (lambda labels: fgsm(model, x, labels, 0.1)) if attack == "fgsm" else (
+        lambda labels: pgd(model, x, labels, 0.1, alpha=0.03, steps=3, loss="margin"))
+    assert torch.equal(run(y.int()), run(y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attacks_run_a_reduced_precision_model_on_the_cpu(dtype):
+    model = mlp(12, 3).to(dtype).eval()
+    x, y = torch.rand(6, 12), torch.randint(0, 3, (6,))
+    for delta in (fgsm(model, x, y, 0.1), pgd(model, x, y, 0.1, alpha=0.03, steps=3, random_start=True)):
+        assert delta.dtype == torch.float32
+        assert_in_ball_and_domain(delta, x, 0.1, "linf", 0.0, 1.0)
+        assert delta.abs().sum() > 0
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("shape", ["channel", "broadcast", "full"])
+def test_per_channel_domains(norm, shape):
+    g = torch.Generator().manual_seed(3)
+    low, high = torch.tensor([-1.0, -0.2, 0.3]), torch.tensor([1.0, 0.4, 0.9])
+    x = torch.rand(4, 3, 5, 5, generator=g) * (high - low)[:, None, None] + low[:, None, None]
+    lower, upper = {"channel": (low, high), "broadcast": (low[:, None, None], high[:, None, None]),
+                    "full": (low[:, None, None].expand(4, 3, 5, 5), high[:, None, None].expand(4, 3, 5, 5))}[shape]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(75, 4)).eval()
+    y = torch.randint(0, 4, (4,), generator=g)
+    eps = 0.3 if norm == "linf" else 1.0
+    for delta in (fgsm(model, x, y, eps, norm=norm, lower=lower, upper=upper),
+                  pgd(model, x, y, eps, alpha=eps / 4, steps=5, norm=norm, random_start=True, restarts=2,
+                      lower=lower, upper=upper, generator=g)):
+        moved = x + delta
+        assert (moved >= low[:, None, None]).all() and (moved <= high[:, None, None]).all()
+        if norm == "linf":
+            assert (delta.abs() <= eps).all()
+        else:
+            assert (l2_norms(delta) <= eps).all()
+    # float bounds as tensors of one value are the float bounds
+    same = pgd(model, x.clamp(0, 1), y, eps, alpha=0.1, steps=3, norm=norm, lower=torch.tensor(0.0), upper=1.0)
+    assert torch.equal(same, pgd(model, x.clamp(0, 1), y, eps, alpha=0.1, steps=3, norm=norm))
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_attack_on_a_training_mode_model_leaves_its_buffers(attack):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ATTACKS[attack](model, torch.rand(5, 12), torch.randint(0, 3, (5,)))
+    assert model.training
+    for k, v in model.state_dict().items():   # running_mean, running_var, num_batches_tracked, weights
+        assert torch.equal(v, state[k]), k
+
+
+def test_targeted_pgd_reaches_the_target():
+    model = mlp(12, 3).eval()
+    x, y = torch.rand(8, 12), torch.zeros(8, dtype=torch.long)
+    target = torch.full((8,), 2)
+    delta = pgd(model, x, y, 5.0, alpha=0.25, steps=40, target=target, lower=-math.inf, upper=math.inf)
+    assert (model(x + delta).argmax(1) == 2).all()
+    step = fgsm(model, x, y, 0.01, target=target, loss="margin")
+    margin = lambda d: attack_loss(model(x + d), y, "margin", target)  # noqa: E731
+    assert (margin(step) > margin(torch.zeros_like(x))).all()
