@@ -607,7 +607,7 @@ def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *,
         True
     """
     graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
-    p = _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=True)
+    p = _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=True, boxes=False)
     return torch.maximum(p.crown, p.ibp)
 
 
@@ -635,7 +635,8 @@ def crown_ibp_mixed_margins(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, be
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     if beta == 0.0:
         return ibp_margin_bounds(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
-    p = margin_pass(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
+    graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
+    p = _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=True, boxes=False)
     return p.crown if beta == 1.0 else beta * p.crown + (1.0 - beta) * p.ibp
 
 
@@ -676,4 +677,4 @@ def crown_ibp_robust_ce(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, low
         True
     """
     graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
-    return _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=False, fused=True).fused_ce
+    return _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=False, fused=True, boxes=False).fused_ce
