@@ -9,6 +9,11 @@ A step is forward + backward + optimizer step on one batch (SGD, momentum 0.9):
   * crown-ibp:  ibp_loss(..., method="crown-ibp", beta=1)                     — IBP + one CROWN backward pass
                 over the K-1 margins
   * crown-ibp-lf: the same with loss_fusion=True                              — one CROWN row per example
+  * mtl-ibp, cc-ibp: pyibp.expressive_losses.expressive_loss(..., alpha=0.5)  — the default recipe's step:
+                a 1-step attack (10 ε from a random start), IBP, the adversarial logits; clean pass
+                without a graph as in ibp-k0
+  * sabr:       the same with an 8-step attack (0.5 ε) and IBP over the box of radius 0.4 ε, plus
+                the no-grad IBP of the whole ε-box the training metrics read
 Median of interleaved repeats after warm-up (synchronised on CUDA). Prints a table and writes JSON.
 
     python benchmarks/bench_certified.py [--quick] [--device cpu|cuda] [--models tutorial-cnn cifar-cnn]
@@ -27,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyibp  # noqa: E402
 from common import devices, interleaved_medians, print_table, write_json  # noqa: E402
 from pyibp.certified_training import ibp_loss  # noqa: E402
+from pyibp.expressive_losses import expressive_loss  # noqa: E402
 from pyibp.models import cifar_cnn, tutorial_cnn  # noqa: E402
 
 # name -> (factory, input shape, batch, eps)
@@ -47,13 +53,23 @@ def losses(model, x, y, eps) -> Dict[str, Callable[[], torch.Tensor]]:
             model(x)
         return ibp_loss(model, x, y, eps, 0.0)
 
+    def expressive(method: str, **attack):
+        def loss():
+            with torch.no_grad():
+                model(x)
+            return expressive_loss(model, x, y, eps, method=method, alpha=0.5, lam=0.4, **attack)
+        return loss
+
     return {"standard": lambda: F.cross_entropy(model(x), y),
             "ibp": lambda: ibp_loss(model, x, y, eps, KAPPA),
             "ibp-k0": ibp_kappa0,
             "ibp-torch": tutorial_ibp,
             "crown-ibp": lambda: ibp_loss(model, x, y, eps, KAPPA, method="crown-ibp", beta=1.0),
             "crown-ibp-lf": lambda: ibp_loss(model, x, y, eps, KAPPA, method="crown-ibp", beta=1.0,
-                                             loss_fusion=True)}
+                                             loss_fusion=True),
+            "mtl-ibp": expressive("mtl-ibp", attack_steps=1, step_scale=10.0),
+            "cc-ibp": expressive("cc-ibp", attack_steps=1, step_scale=10.0),
+            "sabr": expressive("sabr", attack_steps=8, step_scale=0.5)}
 
 
 def training_step(model, optimizer, loss_fn):

@@ -46,6 +46,7 @@ from .bounds.checks import compute_dtype
 from .bounds.crown import _margin_pass
 from .bounds.graph import bound_graph
 from .distributed import syncs_gradients, unwrap
+from .expressive_losses import EXPRESSIVE_METHODS, adversarial_point, expressive_robust_ce
 from .schedules import Schedule, as_schedule
 from .train import batches, eval_mode, model_device, progress
 
@@ -53,7 +54,7 @@ __all__ = ["ibp_loss", "certified_train_epoch", "ibp_init", "shi_regularizer", "
 
 Pair = Tuple[Tensor, Tensor]
 Device = Union[str, torch.device, None]
-METHODS = ("ibp", "crown-ibp")
+METHODS = ("ibp", "crown-ibp") + EXPRESSIVE_METHODS
 BN_STATS = ("batch", "running")
 # The ε at which Shi et al. evaluate their regularisers while the training ε is still 0.
 _REG_MIN_EPS = 1e-6
@@ -62,6 +63,17 @@ _REG_MIN_EPS = 1e-6
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _check_expressive(expressive_alpha: float, sabr_lambda: float, attack_steps: int, attack_step_scale: float,
+                      attack_eps_scale: float) -> None:
+    _check_unit("expressive_alpha", expressive_alpha)
+    _check_unit("sabr_lambda", sabr_lambda)
+    if not (isinstance(attack_steps, int) and attack_steps >= 1):
+        raise ValueError(f"attack_steps must be an integer >= 1, got {attack_steps!r}")
+    if not attack_step_scale > 0 or not attack_eps_scale > 0:
+        raise ValueError(f"attack_step_scale and attack_eps_scale must be > 0, got {attack_step_scale} "
+                         f"and {attack_eps_scale}")
 
 
 def _check_loss_fusion(method: str, loss_fusion: bool) -> None:
@@ -155,6 +167,9 @@ def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, kappa: float, *, 
         >>> loss = ibp_loss(model, torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), 0.1, 0.5)
         >>> loss.backward()
     """
+    if method in EXPRESSIVE_METHODS:
+        raise ValueError(f"ibp_loss computes the 'ibp' and 'crown-ibp' losses; for {method!r} use "
+                         "pyibp.expressive_losses.expressive_loss")
     _check_method(method)
     _check_loss_fusion(method, loss_fusion)
     kappa, beta = _check_unit("kappa", kappa), _check_unit("beta", beta)
@@ -267,8 +282,10 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
                           loss_fusion: bool = False, bn_stats: str = "batch", step_offset: int = 0, grad_clip: Optional[float] = None,
                           scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
                           lower: float = 0.0, upper: float = 1.0, reg_tightness: float = 0.0,
-                          reg_relu: float = 0.0, reg_tol: float = 0.5, quiet: bool = False,
-                          device: Device = None) -> Tuple[Dict[str, float], int]:
+                          reg_relu: float = 0.0, reg_tol: float = 0.5, expressive_alpha: float = 0.5,
+                          sabr_lambda: float = 0.4, attack_steps: int = 1, attack_step_scale: float = 10.0,
+                          attack_eps_scale: float = 1.0, generator: Optional[torch.Generator] = None,
+                          quiet: bool = False, device: Device = None) -> Tuple[Dict[str, float], int]:
     """One epoch of certified training; returns ``(metrics, step)``, step being the new global step.
 
     Each batch at global step ``t`` (``step_offset`` for the first batch) uses ``ε = eps_schedule(t)``,
@@ -283,7 +300,8 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
         eps_schedule, kappa_schedule, beta_schedule: callables ``step -> float`` from
             :mod:`pyibp.schedules`, or numbers (constants). beta is used by ``method="crown-ibp"``
             only and defaults to 1 (pure CROWN-IBP bounds); at β = 0 the CROWN pass is skipped.
-        method: ``"ibp"`` or ``"crown-ibp"``.
+        method: ``"ibp"``, ``"crown-ibp"``, or an expressive loss of :mod:`pyibp.expressive_losses`
+            (``"mtl-ibp"``, ``"cc-ibp"``, ``"sabr"``), whose robust term replaces ``CE(-m, y)``.
         loss_fusion: CROWN-IBP bounds the cross-entropy itself, one CROWN row per example instead
             of K-1 (see :func:`ibp_loss`).
         bn_stats: ``"batch"`` (Shi et al.) or ``"running"``: which statistics the bounds of each
@@ -292,6 +310,9 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
         scheduler: a learning-rate scheduler, stepped after every optimizer step (build step and
             cosine schedules with ``T_max``/milestones in steps, e.g. ``epochs * len(loader)``).
         reg_tightness, reg_relu: weights of the regularisers (Shi et al.: 0.5 both); reg_tol: τ.
+        expressive_alpha: the IBP share α of ``"mtl-ibp"`` / ``"cc-ibp"``; sabr_lambda: SABR's λ.
+        attack_steps, attack_step_scale, attack_eps_scale: the expressive losses' attack
+            (:func:`pyibp.expressive_losses.adversarial_point`), from random starts drawn by ``generator``.
         device: where the batches go (default: the model's device).
     Returns:
         ``metrics`` with ``loss`` (mean training loss), ``clean_error`` (train-mode predictions),
@@ -308,6 +329,8 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
     _check_method(method)
     _check_loss_fusion(method, loss_fusion)
     _check_bn_stats(bn_stats)
+    _check_expressive(expressive_alpha, sabr_lambda, attack_steps, attack_step_scale, attack_eps_scale)
+    expressive = method in EXPRESSIVE_METHODS
     eps_of = as_schedule(eps_schedule, "eps_schedule")
     kappa_of = as_schedule(kappa_schedule, "kappa_schedule")
     beta_of = as_schedule(1.0 if beta_schedule is None else beta_schedule, "beta_schedule")
@@ -343,6 +366,10 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
         y = _check_labels(y, x, None).long()
 
         needs_bound_grad = kappa < 1.0 or reg_scale > 0
+        # The attack runs before the step's clean pass so that it records no BatchNorm statistics.
+        x_adv = (adversarial_point(model, x, y, eps_t, steps=attack_steps, step_scale=attack_step_scale,
+                                   eps_scale=attack_eps_scale, lower=lower, upper=upper, generator=generator)
+                 if expressive and kappa < 1.0 else x)
         statistics = _batch_statistics(model, bn_stats)
         with statistics:
             # At κ = 0 the clean pass only feeds the metrics: no graph, no backward through it,
@@ -353,8 +380,13 @@ def certified_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optim
                                         or syncs_gradients(model)):
                 logits = model(x)
             with eval_mode(model), torch.set_grad_enabled(needs_bound_grad):
-                robust, ibp, box, pre = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower,
-                                                upper=upper, record=reg_scale > 0, loss_fusion=loss_fusion)
+                if expressive:
+                    robust, ibp, box, pre = expressive_robust_ce(
+                        model, x, y, x_adv, eps_t, method=method, alpha=expressive_alpha, lam=sabr_lambda,
+                        lower=lower, upper=upper, record=reg_scale > 0)
+                else:
+                    robust, ibp, box, pre = _bounds(model, x, y, eps_t, method=method, beta=beta, lower=lower,
+                                                    upper=upper, record=reg_scale > 0, loss_fusion=loss_fusion)
         clean = F.cross_entropy(logits, y, reduction="none")
         loss = kappa * clean + (1 - kappa) * robust
         total = loss.mean()

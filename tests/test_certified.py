@@ -261,7 +261,7 @@ def test_regularisers_need_a_schedule_with_a_final_value(data):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(method="crown"), r"method must be one of \('ibp', 'crown-ibp'\), got 'crown'"),
+    (dict(method="crown"), r"method must be one of \('ibp', 'crown-ibp', 'mtl-ibp', 'cc-ibp', 'sabr'\), got 'crown'"),
     (dict(kappa_schedule=1.5), r"kappa must lie in \[0, 1\], got 1.5"),
     (dict(grad_clip=0.0), r"grad_clip must be > 0 or None, got 0.0"),
     (dict(step_offset=-1), r"step_offset must be >= 0, got -1"),

@@ -46,8 +46,12 @@ def _method_table() -> str:
         shown = {"epochs": c.epochs, "optimizer": c.optimizer, "lr": c.lr, "lr-schedule": c.lr_schedule}
         if c.lr_schedule == "step":
             shown.update({"lr-decay-at": " ".join(map(str, c.lr_decay_at)), "lr-decay": c.lr_decay})
-        if method == "pgd":
+        if method in ("pgd", "mtl-ibp", "cc-ibp", "sabr"):
             shown["attack-steps"] = c.attack_steps
+        if method in ("mtl-ibp", "cc-ibp"):
+            shown["expressive-alpha"] = c.expressive_alpha
+        if method == "sabr":
+            shown["sabr-lambda"] = c.sabr_lambda
         if method in CERTIFIED:
             shown.update({"kappa-end": c.kappa_end, "reg-weight": c.reg_weight, "ibp-init": c.ibp_init,
                           "grad-clip": c.grad_clip})
@@ -69,15 +73,19 @@ def _model(text: str) -> str:
 
 
 def _train_options(parser: argparse.ArgumentParser) -> None:
-    from ..runs import METHODS, MODELS
+    from ..runs import METHODS, MODELS, PRESETS
     g = parser.add_argument_group("recipe (left out: the method's default, see below)")
+    g.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
+                   help="a published recipe (CNN-7 on MNIST or CIFAR-10; see the README's table): "
+                        f"{', '.join(sorted(PRESETS))}; options given beside it win")
     g.add_argument("--method", choices=METHODS, default="ibp", help="training method")
     g.add_argument("--model", type=_model, default="tutorial-cnn", metavar="MODEL",
                    help=f"architecture: one of {', '.join(MODELS)}, or your own as FILE.py:FACTORY or "
                         "MODULE:FACTORY (a function returning an nn.Module, called with the keywords it takes of "
                         "in_channels, num_classes, image_size; recorded in config.json)")
     g.add_argument("--eps", type=nonnegative, default=0.1, help="ε of the l∞ threat model (evaluation)")
-    g.add_argument("--train-eps", type=nonnegative, help="ε trained at (default: --eps)")
+    g.add_argument("--train-eps", type=nonnegative, help="ε trained at (default: --train-eps-scale x --eps)")
+    g.add_argument("--train-eps-scale", type=positive, help="train at this multiple of --eps (default: 1)")
     g.add_argument("--epochs", type=count(1), help="epochs")
     g.add_argument("--batch-size", type=count(1), default=100, help="examples per step")
     g.add_argument("--optimizer", choices=("adam", "sgd"), help="optimizer (default: adam)")
@@ -94,7 +102,16 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
                    help="step size (default: 2.5 ε / steps for pgd, 1.25 ε for fgsm)")
     a.add_argument("--attack-random-start", action=argparse.BooleanOptionalAction, default=None,
                    help="PGD from a random point of the ε-box (default: yes)")
-    c = parser.add_argument_group("certified training (ibp, crown-ibp)")
+    x = parser.add_argument_group("expressive losses (mtl-ibp, cc-ibp: De Palma et al. 2024; sabr: Müller et al. "
+                                  "2023); their attack takes --attack-steps (default: 1 for mtl-ibp, cc-ibp, 8 "
+                                  "for sabr)")
+    x.add_argument("--expressive-alpha", type=unit,
+                   help="mtl-ibp, cc-ibp: the IBP share α of the loss; 1: IBP, 0: the adversarial loss")
+    x.add_argument("--sabr-lambda", type=unit, help="sabr: radius of the propagated small box, as a share of ε")
+    x.add_argument("--attack-step-scale", type=positive,
+                   help="step size as a multiple of the attack radius (default: 10 for mtl-ibp, cc-ibp, 0.5 for sabr)")
+    x.add_argument("--attack-eps-scale", type=positive, help="attack radius as a multiple of ε (default: 1)")
+    c = parser.add_argument_group("certified training (ibp, crown-ibp and the expressive losses)")
     c.add_argument("--warmup-steps", type=count(0),
                    help="steps at ε = 0 (default: one epoch, at most 15%% of all steps)")
     c.add_argument("--ramp-steps", type=count(0), help="steps of the ε ramp (default: 35%% of all steps)")
@@ -126,21 +143,29 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 
 
 # The command-line options that are fields of TrainConfig (same names, dashes for underscores).
-RECIPE_FIELDS = ("method", "model", "eps", "train_eps", "epochs", "batch_size", "optimizer", "lr", "momentum",
+RECIPE_FIELDS = ("method", "model", "eps", "train_eps", "train_eps_scale", "expressive_alpha", "sabr_lambda",
+                 "attack_step_scale", "attack_eps_scale", "epochs", "batch_size", "optimizer", "lr", "momentum",
                  "weight_decay", "lr_schedule", "lr_decay_at", "lr_decay", "attack_steps", "attack_alpha",
                  "attack_random_start", "warmup_steps", "ramp_steps", "eps_ramp", "eps_list", "kappa_start",
                  "kappa_end", "beta_start", "beta_end", "loss_fusion", "bn_stats", "ibp_init", "grad_clip",
                  "reg_weight", "train_subset", "test_subset", "eval_pgd_steps", "eval_pgd_subset", "dataset", "seed")
 
 
-def _config_from_args(args: argparse.Namespace):
-    from ..runs import TrainConfig
+def _config_from_args(args: argparse.Namespace, explicit: Set[str]):
+    from ..runs import PRESETS, TrainConfig
     overrides = {name: getattr(args, name) for name in RECIPE_FIELDS if name != "method"}
     for name in ("lr_decay_at", "eps_list"):
         if overrides[name] is not None:
             overrides[name] = tuple(overrides[name])
-    grad_clip = overrides.pop("grad_clip")
-    config = checked(lambda: TrainConfig.for_method(args.method, **overrides))
+    method = args.method
+    if args.preset is not None:
+        # The preset's values, then only the options the user typed (not the parser's defaults).
+        preset = dict(PRESETS[args.preset])
+        method = args.method if "method" in explicit else preset.pop("method")
+        preset.pop("method", None)
+        overrides = {**preset, **{k: v for k, v in overrides.items() if k in explicit}}
+    grad_clip = overrides.pop("grad_clip", None) if args.preset is None or "grad_clip" in explicit else None
+    config = checked(lambda: TrainConfig.for_method(method, **overrides))
     if grad_clip is not None:
         config.grad_clip = grad_clip if grad_clip > 0 else None
     return config
@@ -151,7 +176,7 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     from ..distributed import init_distributed, shutdown
     from ..runs import RecipeMismatch, train
     device = torch_device(args.device)
-    config = _config_from_args(args)
+    config = _config_from_args(args, explicit)
     folder = Path(args.out)
     # Under torchrun: join the process group (each rank on its own GPU, or the CPU); rank 0
     # prints and touches the run folder. One process: a context of 1, nothing else changes.

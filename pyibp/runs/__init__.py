@@ -67,14 +67,14 @@ from .folder import LOCK, RecipeMismatch, check_run_folder, locked, prepare_run_
 from .loop import eval_batch_size, evaluate_epoch, train_one_epoch
 from .model import build_model, initialise_for_ibp, load_factory, model_spec
 from .plots import plot_curves
-from .recipe import CERTIFIED, METHOD_DEFAULTS, METHODS, TrainConfig
+from .recipe import CERTIFIED, EXPRESSIVE, METHOD_DEFAULTS, METHODS, PRESETS, TrainConfig
 from .run import AMP, format_record, load_run, train, train_run
 from .schedules import (ScheduleWarning, eps_schedules, eps_shortfall, lr_factor, make_optimizer, make_scheduler,
                         warmup_and_ramp)
 from .seeds import derive_seed, rng_state, seed_everything, set_rng_state
 from ..models import MODELS
 
-__all__ = ["TrainConfig", "METHOD_DEFAULTS", "METHODS", "CERTIFIED", "MODELS", "RUN_FILES", "RunFolderError",
+__all__ = ["TrainConfig", "METHOD_DEFAULTS", "METHODS", "CERTIFIED", "EXPRESSIVE", "PRESETS", "MODELS", "RUN_FILES", "RunFolderError",
            "RecipeMismatch", "ScheduleWarning", "LOCK", "locked", "check_run_folder", "prepare_run_folder",
            "recipe_to_train", "train", "train_run", "load_run", "load_factory", "model_spec", "warmup_and_ramp",
            "eps_shortfall", "checked_subset", "load_data", "read_config",

@@ -34,6 +34,10 @@ def train_one_epoch(config: TrainConfig, model: nn.Module, batches: Iterable, op
     wrapped in :class:`AutocastForward` already, and the other methods' epoch runs under autocast
     here (their attacks are forward and backward passes like the training step).
     """
+    # The random starts of epoch e come from their own generator: a resumed epoch draws the
+    # same. Rank 0 keeps the one-process seed; the other ranks attack other examples.
+    keys = ("attack",) if ctx.rank == 0 else ("attack", ctx.rank)
+    g = torch.Generator(device).manual_seed(derive_seed(config.seed, epoch, *keys))
     if config.method in CERTIFIED:
         eps, kappa, beta = schedules
         m, new_step = certified_train_epoch(
@@ -41,7 +45,9 @@ def train_one_epoch(config: TrainConfig, model: nn.Module, batches: Iterable, op
             beta_schedule=beta if config.method == "crown-ibp" else None, method=config.method,
             loss_fusion=config.loss_fusion, bn_stats=config.bn_stats, step_offset=step,
             grad_clip=config.grad_clip, scheduler=scheduler, reg_tightness=config.reg_weight,
-            reg_relu=config.reg_weight, quiet=quiet, device=device)
+            reg_relu=config.reg_weight, expressive_alpha=config.expressive_alpha, sabr_lambda=config.sabr_lambda,
+            attack_steps=config.attack_steps, attack_step_scale=config.attack_step_scale,
+            attack_eps_scale=config.attack_eps_scale, generator=g, quiet=quiet, device=device)
         m = reduce_metrics(m, ctx)
         out = {"train_loss": m["loss"], "train_robust_loss": m["robust_loss"], "train_error": m["clean_error"],
                "train_verified_error": m["verified_error"], "train_eps": m["eps"], "kappa": m["kappa"]}
@@ -56,10 +62,6 @@ def train_one_epoch(config: TrainConfig, model: nn.Module, batches: Iterable, op
             m = train_epoch(model, batches, optimizer, scheduler=scheduler, device=device, quiet=quiet)
             eps = 0.0
         else:
-            # The random starts of epoch e come from their own generator: a resumed epoch draws the
-            # same. Rank 0 keeps the one-process seed; the other ranks attack other examples.
-            keys = ("attack",) if ctx.rank == 0 else ("attack", ctx.rank)
-            g = torch.Generator(device).manual_seed(derive_seed(config.seed, epoch, *keys))
             if config.method == "pgd":
                 alpha = (config.attack_alpha if config.attack_alpha is not None
                          else 2.5 * eps / config.attack_steps)
