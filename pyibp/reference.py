@@ -332,27 +332,3 @@ def interval_forward_ref(model: nn.Module, x: Tensor, eps: float, lower: float =
     """
     out = model((Interval((x - eps).clamp(min=lower), (x + eps).clamp(max=upper))))
     return out.lo, out.hi
-
-
-def _apgd_project(d: Tensor, x: Tensor, e: Tensor, norm: str, lower: Tensor, upper: Tensor) -> Tensor:
-    """The ball (box clamp for l∞, scaling for l2), then the domain."""
-    if norm == "linf":
-        d = torch.maximum(torch.minimum(d, e), -e)
-    else:
-        n = d.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (x.dim() - 1))
-        d = d * torch.where(n > e, e / n.clamp_min(1e-30), torch.ones_like(n))
-    return torch.maximum(torch.minimum(d, upper - x), lower - x)
-
-
-def apgd_step_ref(delta: Tensor, previous: Tensor, grad: Tensor, x: Tensor, eps: Tensor, step: Tensor,
-                  momentum: float, lower: Tensor, upper: Tensor, norm: str) -> Pair:
-    """Twin of ``apgd_{linf,l2}_step_`` (not in place): returns the new ``(delta, previous)``."""
-    e, s = _per_example(eps.to(x.dtype), x), _per_example(step.to(x.dtype), x)
-    if norm == "linf":
-        direction = grad.sign()
-    else:
-        g_norm = grad.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (x.dim() - 1))
-        direction = torch.where(g_norm > 0, grad / g_norm.clamp_min(1e-30), torch.zeros_like(grad))
-    z = _apgd_project(delta + s * direction, x, e, norm, lower, upper)
-    moved = delta + momentum * (z - delta) + (1 - momentum) * (delta - previous)
-    return _apgd_project(moved, x, e, norm, lower, upper), delta.clone()
