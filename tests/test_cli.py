@@ -7,7 +7,6 @@ epoch, resumes it, and requires the same metrics and weights as the uninterrupte
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,11 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyibp.cli import main
+from cli_support import ENV, REPO, run_main
 
-REPO = Path(__file__).resolve().parent.parent
-# One thread: the killed-and-resumed run must compute exactly what the reference run computed.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 TINY = ["--method", "ibp", "--epochs", "3", "--train-subset", "200", "--test-subset", "100", "--batch-size", "50",
         "--warmup-steps", "2", "--ramp-steps", "4", "--eval-pgd-steps", "2", "--eval-pgd-subset", "100",
         "--device", "cpu", "--seed", "1"]
@@ -40,16 +36,6 @@ def pyibp(*args: str, check: bool = True, env: dict = ENV, timeout: float = 300)
 def slow_pyibp(delay: float, *args: str) -> list:
     """The command line of ``pyibp ARGS`` pausing ``delay`` seconds after every training batch."""
     return [sys.executable, str(REPO / "tests" / "slow_pyibp.py"), str(delay), *args]
-
-
-def run_main(argv, capsys):
-    """``main(argv)`` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def metrics(folder: Path):

@@ -20,24 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_support import ENV, REPO, run_main
 from pyibp.cli import main
 from pyibp.runs import (LOCK, ScheduleWarning, TrainConfig, eps_schedules, eps_shortfall, files, plot_curves,
                         read_metrics)
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 TINY = ["--method", "ibp", "--epochs", "1", "--train-subset", "100", "--test-subset", "50", "--batch-size", "50",
         "--eval-pgd-steps", "2", "--eval-pgd-subset", "50", "--device", "cpu", "--seed", "1", "--quiet"]
-
-
-def run_main(argv, capsys):
-    """``main(argv)`` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line(err: str, *words: str) -> str:

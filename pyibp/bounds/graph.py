@@ -254,20 +254,16 @@ def _classify(node: Node, bounded: List[bool]) -> None:
         if node.kind == "reshape":
             node.call = node.module
         return
-    if op == "call_function" and target in _ACTIVATION_FUNCTIONS:
+    # Functional activations and pools become the module whose rule they share.
+    as_module = _ACTIVATION_FUNCTIONS.get(target, _POOL_FUNCTIONS.get(target)) if op == "call_function" else None
+    if as_module is not None:
         rest, kw = _constant_args(node, args[1:], kwargs)
-        node.module = _ACTIVATION_FUNCTIONS[target](*rest, **kw)
+        node.module = as_module(*rest, **kw)
         node.kind = _module_kind(node.module)
         _check_module(node)
         return
     if op == "call_method" and target in _ACTIVATION_METHODS and len(args) == 1:
         node.module, node.kind = _ACTIVATION_METHODS[target](), ("relu" if target.startswith("relu") else "activation")
-        return
-    if op == "call_function" and target in _POOL_FUNCTIONS:
-        rest, kw = _constant_args(node, args[1:], kwargs)
-        node.module = _POOL_FUNCTIONS[target](*rest, **kw)
-        node.kind = _module_kind(node.module)
-        _check_module(node)
         return
     if op == "call_function" and target in (F.linear, F.conv1d, F.conv2d):
         if not first_bounded or len(node.inputs) != 1:
