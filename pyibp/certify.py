@@ -125,7 +125,7 @@ def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", low
         dtype: compute the bounds in this dtype (torch.float64 makes float32 rounding smaller, not gone).
         device: where the batches go (default: the model's).
         sound: certificates of the network in exact real arithmetic, whatever the float rounding
-            (``method="ibp"``; see :mod:`pyibp.bounds.sound`); the result says which kind it holds.
+            (IBP or CROWN-IBP; see :mod:`pyibp.bounds.sound`); the result says which kind it holds.
     Returns:
         :class:`VerificationResult`. Per batch it equals::
 
@@ -141,8 +141,6 @@ def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", low
         torch.Size([50])
     """
     _check_method(method)
-    if sound and method != "ibp":
-        raise ValueError(f"sound=True is implemented for method='ibp' only so far, got method={method!r}")
     eps = _check_eps(eps)
     verified, worst, correct = [], [], []
     with eval_mode(model), torch.no_grad():

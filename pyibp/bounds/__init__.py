@@ -6,6 +6,7 @@
 * :mod:`~pyibp.bounds.crown`: CROWN-IBP margins and the loss-fusion bound; the CROWN rule of each op.
 * :mod:`~pyibp.bounds.relaxations`: the linear relaxations of the activations.
 * :mod:`~pyibp.bounds.sound`: the sound mode's backend (bounds of the exact-arithmetic network).
+* :mod:`~pyibp.bounds.sound_crown`: the sound mode's CROWN-IBP backward pass.
 * :mod:`~pyibp.bounds.checks`: validation of the input box, labels and devices.
 
 :func:`margin_bounds`, here, picks between IBP and CROWN-IBP.
@@ -36,9 +37,9 @@ def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bo
     :func:`~pyibp.bounds.ibp.ibp_margin_bounds` (the specification folded into a final Linear,
     tighter than subtracting logit bounds); ``method="crown-ibp"``:
     :func:`~pyibp.bounds.crown.crown_ibp_margin_bounds` (IBP for the intermediate layers, a CROWN
-    backward pass for the margins): never looser. ``backend`` applies to IBP. ``sound=True``
-    (IBP): bounds of the network in exact real arithmetic, whatever the float rounding
-    (:mod:`pyibp.bounds.sound`).
+    backward pass for the margins): never looser. ``backend`` applies to IBP. ``sound=True``:
+    bounds of the network in exact real arithmetic, whatever the float rounding
+    (:mod:`pyibp.bounds.sound`, :mod:`pyibp.bounds.sound_crown`).
 
     Args:
         model: any nn.Module whose forward torch.fx can trace, of the ops :mod:`pyibp.bounds.graph` lists.
@@ -56,7 +57,5 @@ def margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bo
     if method not in ("ibp", "crown-ibp"):
         raise ValueError(f"method must be 'ibp' or 'crown-ibp', got {method!r}")
     if method == "crown-ibp":
-        if sound:
-            raise ValueError("sound=True is implemented for method='ibp' only so far, got method='crown-ibp'")
-        return crown_ibp_margin_bounds(model, x, y, eps, lower=lower, upper=upper, dtype=dtype)
+        return crown_ibp_margin_bounds(model, x, y, eps, lower=lower, upper=upper, dtype=dtype, sound=sound)
     return ibp_margin_bounds(model, x, y, eps, lower=lower, upper=upper, backend=backend, dtype=dtype, sound=sound)

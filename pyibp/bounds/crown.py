@@ -35,7 +35,7 @@ from torch.nn.modules.utils import _pair
 
 from .. import ops
 from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, compute_dtype, domain
-from .graph import BoundGraph, affine_scale_shift, bound_graph, conv_params, linear_params, resolve
+from .graph import BoundGraph, affine_scale_shift, bound_graph, conv_params, linear_params, per_channel, resolve
 from .ibp import (FusedBackend, Trace, _full_precision, _param, cat_dim, const_scale_shift, ibp_margin_bounds,
                   ibp_margins, mean_dims, no_nan, pad_args)
 from .relaxations import relaxation
@@ -176,9 +176,10 @@ def _back_relu(A: Tensor, const: Tensor, mu: Tensor, rad: Tensor) -> Tuple[Tenso
 
 def _back_affine(A: Tensor, const: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel ``z * scale + shift`` along the input's dim 1 (A's dim 2)."""
-    per_channel = A.sum(tuple(range(3, A.dim()))) if A.dim() > 3 else A
+    scale, shift = per_channel((scale, shift), A.shape[2])
+    sums = A.sum(tuple(range(3, A.dim()))) if A.dim() > 3 else A
     view = scale.reshape((-1,) + (1,) * (A.dim() - 3))
-    return A * view, const + per_channel @ shift
+    return A * view, const + sums @ shift
 
 
 def _back_avgpool(A: Tensor, layer: nn.Module, in_shape: Tuple[int, ...]) -> Tensor:
@@ -571,7 +572,7 @@ def margin_pass(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Boun
 
 
 def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower: Bound = 0.0,
-                            upper: Bound = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
+                            upper: Bound = 1.0, dtype: Optional[torch.dtype] = None, sound: bool = False) -> Tensor:
     """Lower bounds of ``logit_y - logit_j`` over the l∞ box around ``x`` by CROWN-IBP.
 
     IBP bounds the pre-activations of every ReLU; one CROWN backward pass from the specification
@@ -588,6 +589,9 @@ def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *,
             MaxPool2d, Dropout, Identity, pyibp.nn.Normalize, pyibp.nn.Residual.
         x: (B, *) inputs in [lower, upper].  y: (B,) integer labels.  eps: float, () or (B,).
         dtype: compute in this dtype (e.g. torch.float64 for verification); default x's.
+        sound: bounds of the network computed in exact real arithmetic on its stored weights, for
+            every real input of the box, whatever the float rounding (:mod:`pyibp.bounds.sound_crown`;
+            no gradients; ops without a sound backward rule raise TypeError naming the node).
     Returns:
         (B, n_classes), 0 at j = y. For ``model = Sequential(Linear(W1, b1), ReLU(), Linear(W2, b2))``
         this equals::
@@ -607,6 +611,12 @@ def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *,
         True
     """
     graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
+    if sound:
+        from .sound import outward_eps, sound_arithmetic         # sound_crown builds on this module
+        from .sound_crown import sound_crown_margins
+        x = x if dtype is None else x.to(dtype)
+        with _full_precision(x), sound_arithmetic(x.device.type):
+            return sound_crown_margins(graph, x, y, outward_eps(eps, eps_t, x.dtype), lower, upper, dtype)
     p = _margin_pass(graph, x, y, eps_t, lower, upper, dtype, crown=True, boxes=False)
     return torch.maximum(p.crown, p.ibp)
 

@@ -663,6 +663,12 @@ def affine_scale_shift(node: Node, dtype: Optional[torch.dtype] = None) -> Tuple
     return batchnorm_scale_shift(layer, dtype)
 
 
+def per_channel(tensors: Tuple[Tensor, ...], channels: int) -> Tuple[Tensor, ...]:
+    """An affine map's tensors (C,) for ``channels`` channels: a Normalize of one channel
+    (``Normalize([m], [s])``) broadcasts over all of them, as its forward does."""
+    return tuple(t.expand(channels) if t.numel() == 1 else t for t in tensors)
+
+
 def batchnorm_scale_shift(layer: nn.modules.batchnorm._BatchNorm, dtype: Optional[torch.dtype] = None
                           ) -> Tuple[Tensor, Tensor]:
     """BatchNorm as ``x * scale + shift`` per channel: with its running statistics (eval mode), or

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..precision import full_precision
 from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, compute_dtype, domain
-from .graph import BoundGraph, Node, Ref, affine_scale_shift, bound_graph, conv_params, linear_params, resolve
+from .graph import (BoundGraph, Node, Ref, affine_scale_shift, bound_graph, conv_params, linear_params, per_channel,
+                    resolve)
 from .sound import SoundBackend, check_sound, outward_eps, sound_arithmetic
 
 __all__ = ["interval_bounds", "ibp_margin_bounds", "propagate", "FusedBackend", "get_backend", "Trace"]
@@ -51,7 +52,7 @@ class FusedBackend:
         return ops.interval_relu(*s)
 
     def affine(self, s: Pair, scale: Tensor, shift: Tensor) -> Pair:
-        return ops.interval_affine(s[0], s[1], scale, shift)
+        return ops.interval_affine(s[0], s[1], *per_channel((scale, shift), s[0].shape[1]))
 
     def scale_shift(self, s: Pair, scale: Any, shift: Any) -> Pair:
         """``z * scale + shift`` elementwise, scale and shift broadcastable constants (None: 1, 0)."""
@@ -124,11 +125,15 @@ class Trace:
     ``shapes[i]``: the per-example shape of node i's value, for every bounded node.
     ``boxes[i]``: the box in front of node i: ``(mu, rad)`` for a ReLU, ``(lower, upper)`` for
     MaxPool and the other activations. ``constants[i]``: the value of constant node i.
+    ``inputs[i]``: with ``keep_inputs``, the box of the input of every Linear, Conv and affine node i
+    (the sound CROWN pass bounds its rounding errors with the magnitudes there).
     """
 
     shapes: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
     boxes: Dict[int, Pair] = field(default_factory=dict)
     constants: Dict[int, Any] = field(default_factory=dict)
+    keep_inputs: bool = False
+    inputs: Dict[int, Pair] = field(default_factory=dict)
 
     def split(self, size: int, count: int) -> List["Trace"]:
         """The traces of ``count`` consecutive chunks of ``size`` examples. The boxes are cut with
@@ -167,6 +172,8 @@ def propagate(graph: BoundGraph, box: Pair, backend, *, dtype: Optional[torch.dt
             if trace is not None:
                 trace.constants[node.index] = value
         else:
+            if trace is not None and trace.keep_inputs and kind in ("linear", "conv", "affine"):
+                trace.inputs[node.index] = env[node.inputs[0]]
             value = _RULES[kind](node, env, backend, dtype, fuse, trace)
         env[node.index] = value
         if trace is not None and kind != "const":

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable, Set
 
-from .common import (CLIError, Output, ResultFile, common_options, format_table, load, pct, run_evaluation_options, test_set,
+from .common import (Output, ResultFile, common_options, format_table, load, pct, run_evaluation_options, test_set,
                      torch_device)
 
 __all__ = ["add_parser", "run"]
@@ -25,7 +25,7 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--float64", action="store_true", help="compute the bounds in float64")
     p.add_argument("--sound", action="store_true",
                    help="certificates of the network in exact real arithmetic, whatever the float rounding "
-                        "(IBP only; see pyibp.bounds.sound)")
+                        "(see pyibp.bounds.sound and pyibp.bounds.sound_crown)")
     p.add_argument("--autoattack", action="store_true",
                    help="also run AutoAttack (standard) on the same examples and show its robust error beside "
                         "the verified error (every verified example must stay unbroken)")
@@ -46,10 +46,6 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     rows, results, verified = [], {}, {}
     saved = ResultFile(Path(args.run) / "certify.json")
     methods = list(dict.fromkeys(args.method))
-    if args.sound and methods != ["ibp"]:
-        if "method" in explicit:
-            raise CLIError(f"--sound supports --method ibp only so far, got --method {' '.join(methods)}")
-        methods = ["ibp"]
     for method in methods:
         start = time.perf_counter()
         r = verify(model, batches, eps, method=method, device=device, quiet=args.quiet,

@@ -1,0 +1,325 @@
+"""Sound CROWN-IBP: margin lower bounds that hold for the network computed in exact real arithmetic.
+
+The units and the rounding model are those of :mod:`pyibp.bounds.sound` (``u``, ``η``,
+``γ_n = n u / (1 - n u)`` for a sum of n products in any order). The pass:
+
+1. **Sound IBP** (:class:`~pyibp.bounds.sound.SoundBackend`) records the box in front of every
+   ReLU and the box of the input of every Linear, Conv and affine node; each encloses the values
+   the exact network takes there. Pre-activation bounds are ``l = down(mu - rad)``,
+   ``u = up(mu + rad)``; magnitudes ``zmax >= max(|l|, |u|)``.
+2. **One backward pass** from the margin specification with coefficients Λ in the compute dtype.
+   Its invariant at node i, for every real input x of the box and the exact value ``h`` of node i::
+
+       margin(x) >= Λ h - Σ_k |Λ_k| m_k + c - s
+
+   ``m >= 0`` is a *pending* weight per element (the rounding of how Λ was computed), ``c`` the
+   accumulated constant and ``s >= 0`` the accumulated error, per (example, row). Each rule keeps it:
+
+   * Linear/Conv ``z = W h + b``: ``Λ' = fl(Λ W)`` is within ``γ_n |Λ||W| + nη`` of ``Λ W``, so
+     ``|Λ W - Λ'| |h| <= γ_n |Λ| (|W| hmax) + nη Σ hmax``; ``|W| hmax`` is a forward product of the
+     recorded box (rounded up). The bias term ``fl(Λ b)`` is within ``γ_n |Λ||b| + nη`` of ``Λ b``.
+     Both join the pending weight, and **one** reduction ``Σ |Λ| m`` per layer moves it into ``s``.
+   * ReLU on ``[l, u]``: dead and active neurons are exact (0 and the identity); an unstable one
+     uses the lower line ``α z`` with ``α`` 0 or 1 (exact) and the upper line ``σ z + τ`` with
+     ``σ = up(u / down(u - l)) >= u / (u - l)`` and ``τ = up(σ (-l))``, which lies above ReLU on
+     ``[l, u]`` for the real ``σ, τ`` (at ``l``: ``σ l + τ >= 0``; at ``u``: ``>= σ (u - l) >= u``).
+     ``fl(Λ σ)`` is within ``u' |fl(Λ σ)| + η`` of ``Λ σ`` (``u' = u / (1 - u)``): pending weight
+     ``u' zmax``. The intercepts ``Σ Λ⁻ τ`` are terms of one sign, so their float sum bounds its
+     own error.
+   * BatchNorm / Normalize ``S z + T`` (exact ``S, T`` within known distance of float64 values):
+     ``fl(Λ s)`` with ``s = fl(S)``; its distance to ``Λ S`` and that of ``fl(Λ T)`` join the
+     pending weight; reshapes and Identity move Λ and m unchanged.
+   * The input box ``[mu - rad, mu + rad]`` (rounded outward): ``Λ x >= Λ mu - |Λ| rad`` exactly;
+     ``fl(Λ mu)`` and ``fl(|Λ| (rad + m + γ_n |mu|))`` close the bound.
+
+   Every reduction of n terms >= 0 computed in float is bounded above by ``(R + nη) / (1 - γ_n)``.
+   ``c`` and ``s`` are sums of float64 terms; their float64 rounding is bounded by
+   ``γ_k Σ |terms|`` (``u = 2^-53``, k the number of terms) and subtracted at the end; the result is
+   rounded down into the compute dtype.
+
+The products run in :func:`~pyibp.bounds.sound.sound_arithmetic` (no Winograd/FFT, no TF32), as for
+sound IBP. The bound is returned as the elementwise maximum with the sound IBP margins from the
+same pass (both are sound). Ops without a sound backward rule here (MaxPool, pooling, residual
+sums and other multi-user nodes, concatenation, indexing, padding, elementwise constants) raise
+TypeError naming the node; sound IBP (``method="ibp"``) covers more of them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .checks import Bound, domain
+from .crown import _back_conv, _channels_last, _examples_per_chunk, _flat_box, _flat_features, _other_classes
+from .graph import BoundGraph, ConvParams, conv_params, linear_params, per_channel
+from .ibp import Trace, _param, ibp_margins, no_nan
+from .sound import SoundBackend, gamma, units
+
+__all__ = ["sound_crown_margins", "check_sound_crown"]
+
+Pair = Tuple[Tensor, Tensor]
+_U64 = 2.0 ** -53
+_SUPPORTED = ("input", "const", "linear", "conv", "relu", "reshape", "identity", "affine")
+_RELAXED = 1 + 2.0 ** -50      # covers the float64 rounding of the error bounds computed below
+
+
+def check_sound_crown(graph: BoundGraph, start: int) -> None:
+    """TypeError naming the first node up to ``start`` the sound CROWN pass cannot bound."""
+    users: Dict[int, int] = {}
+    for node in graph.nodes[:start + 1]:
+        for i in set(node.inputs):
+            users[i] = users.get(i, 0) + 1
+    for node in graph.nodes[:start + 1]:
+        if node.kind not in _SUPPORTED:
+            raise TypeError(f"sound=True with method='crown-ibp' cannot bound {node.describe()} yet (it supports "
+                            "Linear, Conv2d, ReLU, BatchNorm, Normalize, Flatten and reshapes); "
+                            "method='ibp' with sound=True bounds more ops")
+    for node in graph.nodes[:start + 1]:
+        if users.get(node.index, 0) > 1 and node.kind != "const":
+            raise TypeError(f"sound=True with method='crown-ibp' cannot bound {node.describe()} yet: its value has "
+                            "several users (a residual sum or a branch); method='ibp' with sound=True bounds it")
+
+
+def _upper_sum(r: Tensor, n: int, u: float, eta: float) -> Tensor:
+    """float64 upper bound of an exact sum of ``n`` terms >= 0 whose float sum is ``r``."""
+    return (r.double() + n * eta) * (_RELAXED / (1 - gamma(n, u)))
+
+
+def _up_f64(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float64 tensor rounded up into ``dtype``."""
+    r = t.to(dtype)
+    return torch.where(r.double() < t, torch.nextafter(r, r.new_tensor(math.inf)), r)
+
+
+def _magnitude(box: Pair) -> Tensor:
+    """``>= |v|`` for every exact value v of the box ``(mu, rad)``."""
+    mu, rad = box
+    return (mu.abs() + rad).nextafter_(mu.new_tensor(math.inf))
+
+
+class _Accumulator:
+    """``c - s`` as a list of float64 terms (B, R), with the float64 rounding of their sum bounded."""
+
+    def __init__(self) -> None:
+        self.terms: List[Tensor] = []
+
+    def add(self, t: Tensor) -> None:
+        self.terms.append(t.double())
+
+    def lower(self) -> Tensor:
+        terms = torch.stack(torch.broadcast_tensors(*self.terms))
+        total, magnitude = terms.sum(0), terms.abs().sum(0)
+        k = len(self.terms) + 1
+        low = total - magnitude * (gamma(2 * k, _U64) * _RELAXED)
+        return torch.where(torch.isfinite(low) & torch.isfinite(magnitude), low, -math.inf)
+
+
+class _Walk:
+    """The state of one backward pass over a chunk of examples (see the module docstring)."""
+
+    def __init__(self, graph: BoundGraph, trace: Trace, dtype: torch.dtype) -> None:
+        self.graph, self.trace = graph, trace
+        self.u, self.eta = units(dtype)
+        self.dtype = dtype
+        self.acc = _Accumulator()
+
+    # -- the error bookkeeping ------------------------------------------------------------------
+    def reduce(self, lam: Tensor, m: Optional[Tensor]) -> None:
+        """Moves ``Σ |Λ| m`` (m (b, *features), >= 0) into the error, bounded above."""
+        if m is None:
+            return
+        cl = _channels_last(lam)
+        flat = _flat_features(lam, cl)
+        n = flat.shape[2]
+        r = torch.bmm(flat.abs(), _flat_box(m, cl)[:, :, None])[..., 0]
+        self.acc.add(-_upper_sum(r, n, self.u, self.eta))
+
+    def floor(self, amount: Tensor) -> None:
+        """An error independent of Λ: (b,) per example, the same for every row."""
+        self.acc.add(-amount.double()[:, None])
+
+    # -- the rules -------------------------------------------------------------------------------
+    def linear(self, node, lam: Tensor, m: Optional[Tensor]) -> Tensor:
+        weight, bias = linear_params(node, self.trace.constants)
+        weight, bias = _param(weight, self.dtype).detach(), _param(bias, self.dtype)
+        hmax = _magnitude(self.trace.inputs[node.index])
+        n_out, n_in = weight.shape
+        u, eta = self.u, self.eta
+        wh = _upper_sum(hmax @ weight.abs().t(), n_in, u, eta)                  # (b, n_out) >= |W| hmax
+        pending = wh * gamma(n_out, u)
+        if bias is not None:
+            self.acc.add(lam @ bias.detach())
+            pending = pending + bias.detach().double().abs() * gamma(n_out + 1, u)
+            self.floor(lam.new_full((lam.shape[0],), (n_out + 1) * eta))
+        self.reduce(lam, _up_f64(pending * _RELAXED, self.dtype) + (0 if m is None else m))
+        self.floor(n_out * eta * hmax.double().sum(1) * _RELAXED)
+        return lam @ weight
+
+    def conv(self, node, lam: Tensor, m: Optional[Tensor]) -> Tensor:
+        p = conv_params(node, self.trace.constants)
+        if p.weight.dim() != 4:
+            raise TypeError(f"sound=True with method='crown-ibp' supports Conv2d, not {node.describe()}")
+        weight, bias = _param(p.weight, self.dtype).detach(), _param(p.bias, self.dtype)
+        box = self.trace.inputs[node.index]
+        hmax = _magnitude(box)
+        u, eta = self.u, self.eta
+        abs_w = weight.abs()
+        n_in = weight[0].numel()
+        forward = torch.nn.functional.conv2d(hmax, abs_w, None, p.stride, p.padding, p.dilation, p.groups)
+        wh = _upper_sum(forward, n_in, u, eta)                                    # (b, C, H, W) >= |W| hmax
+        n_out = weight.shape[0] * weight.shape[2] * weight.shape[3]    # products per input element of Λ W
+        pending = wh * gamma(n_out, u)
+        if bias is not None:
+            spatial = lam.shape[3] * lam.shape[4]
+            self.acc.add(lam.sum((3, 4)) @ bias.detach())
+            n_b = spatial + bias.shape[0] + 1
+            pending = pending + bias.detach().double().abs()[:, None, None] * gamma(n_b, u)
+            self.floor(lam.new_full((lam.shape[0],), n_b * eta))
+        self.reduce(lam, _up_f64(pending * _RELAXED, self.dtype) + (0 if m is None else m))
+        self.floor(n_out * eta * hmax.double().flatten(1).sum(1) * _RELAXED)
+        plain = ConvParams(weight, None, p.stride, p.padding, p.dilation, p.groups)
+        lam, _ = _back_conv(lam, lam.new_zeros(lam.shape[:2]), plain, tuple(box[0].shape[1:]))
+        return lam
+
+    def affine(self, node, lam: Tensor, m: Optional[Tensor]) -> Tensor:
+        scale64, shift64, scale_err, shift_err = per_channel(SoundBackend().affine_map(node, None), lam.shape[2])
+        zmax = _magnitude(self.trace.inputs[node.index]).double()
+        u, eta = self.u, self.eta
+        s, t = scale64.to(self.dtype), shift64.to(self.dtype)
+        view = (-1,) + (1,) * (lam.dim() - 3)
+        # |Λ S - fl(Λ s)| <= |Λ| (|S - s| + u |s|) + η/2 per element; times zmax of the input
+        e_s = (scale_err + (scale64 - s.double()).abs() + u * s.double().abs()).reshape(view)
+        spatial = math.prod(lam.shape[3:])
+        n_b = spatial + t.shape[0] + 1
+        e_t = (gamma(n_b, u) * t.double().abs() + shift_err + (shift64 - t.double()).abs()).reshape(view)
+        sums = lam.sum(tuple(range(3, lam.dim()))) if lam.dim() > 3 else lam
+        self.acc.add(sums @ t)
+        pending = _up_f64((e_s * zmax + e_t) * _RELAXED, self.dtype)
+        self.reduce(lam, pending + (0 if m is None else m))
+        self.floor((eta * zmax.flatten(1).sum(1) + n_b * eta) * _RELAXED)
+        return lam * s.reshape(view)
+
+    def relu(self, node, lam: Tensor, m: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        self.reduce(lam, m)
+        mu, rad = self.trace.boxes[node.index]
+        alpha, sigma, tau, zmax = _relu_lines(mu, rad)
+        u, eta = self.u, self.eta
+        lam_z = torch.where(lam >= 0, lam * alpha[:, None], lam * sigma[:, None])
+        cl = _channels_last(lam)
+        flat = _flat_features(lam, cl)
+        n = flat.shape[2]
+        shift = torch.bmm(flat.clamp(max=0), _flat_box(tau, cl)[:, :, None])[..., 0]   # terms <= 0
+        self.acc.add(shift)
+        # its rounding: γ_n Σ|terms| + nη, with Σ|terms| <= (|shift| + nη) / (1 - γ_n)
+        self.acc.add(-(gamma(n, u) * _upper_sum(-shift, n, u, eta) + n * eta))
+        self.floor(eta * zmax.double().flatten(1).sum(1) * _RELAXED)
+        return lam_z, _up_f64(zmax.double() * (u / (1 - u) * _RELAXED), self.dtype)
+
+    def concretise(self, lam: Tensor, m: Optional[Tensor], box: Pair) -> Tensor:
+        """(b, R): the lower bound of ``Λ x - Σ|Λ| m + c - s`` over the input box (float64)."""
+        mu, rad = box
+        u, eta = self.u, self.eta
+        cl = _channels_last(lam)
+        flat = _flat_features(lam, cl)
+        n = flat.shape[2]
+        mu_f, rad_f = _flat_box(mu, cl), _flat_box(rad, cl)
+        width = rad_f.double() + gamma(n, u) * mu_f.double().abs()
+        if m is not None:
+            width = width + _flat_box(m, cl).double()
+        width = _up_f64(width * _RELAXED, self.dtype)
+        centre = torch.bmm(flat, mu_f[:, :, None])[..., 0]
+        spread = torch.bmm(flat.abs(), width[:, :, None])[..., 0]
+        self.acc.add(centre)
+        self.acc.add(-_upper_sum(spread, n, u, eta))
+        self.floor(lam.new_full((lam.shape[0],), n * eta))
+        return self.acc.lower()
+
+
+def _relu_lines(mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(α, σ, τ, zmax)`` of the ReLUs over the exact boxes ``[mu - rad, mu + rad]``: the lower
+    slope (0 or 1), the upper slope and intercept (rounded up) and ``>= max(|l|, |u|)``."""
+    inf = mu.new_tensor(math.inf)
+    low = (mu - rad).nextafter_(-inf)
+    up = (mu + rad).nextafter_(inf)
+    cross = (low < 0) & (up > 0)
+    active = low >= 0
+    width = torch.where(cross, (up - low).nextafter_(-inf), torch.ones_like(up))
+    sigma = torch.where(cross, (up / width).nextafter_(inf), active.to(mu.dtype))
+    tau = torch.where(cross, (sigma * -low).nextafter_(inf), torch.zeros_like(up))
+    alpha = torch.where(cross, (up > -low).to(mu.dtype), active.to(mu.dtype))
+    return alpha, sigma, tau, torch.maximum(low.abs(), up.abs())
+
+
+def sound_crown_margins(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: Bound, upper: Bound,
+                        dtype: Optional[torch.dtype]) -> Tensor:
+    """(B, K) lower bounds of the exact network's margins (0 at j = y) on validated arguments, with
+    ``eps_t`` already rounded up; inside :func:`~pyibp.bounds.sound.sound_arithmetic`."""
+    backend = SoundBackend()
+    box = backend.start(x, eps_t, *domain(x, lower, upper))
+    trace = Trace(keep_inputs=True)
+    ibp, state, last = ibp_margins(graph, box, backend, y, dtype, trace)
+    y = y.long()
+    batch, num_classes = ibp.shape
+    compute = x.dtype
+    u, _ = units(compute)
+    others = _other_classes(y, num_classes)
+    if last is not None:
+        weight, bias = (t.detach() if isinstance(t, Tensor) else t for t in last)
+        start = graph.nodes[graph.last_linear].inputs[0]
+        A = weight[y][:, None, :] - weight[others]                 # within u' |A| of the exact rows
+        pending = _up_f64(_magnitude(state).double() * (u / (1 - u) * _RELAXED), compute)
+        const = None
+        if bias is not None:
+            b_y, b_j = bias.double()[y][:, None], bias.double()[others]
+            const = (b_y - b_j, b_y.abs() + b_j.abs())        # the float64 difference and its magnitude
+    else:
+        start = graph.logits
+        A = torch.zeros(others.shape + (num_classes,), dtype=compute, device=x.device)
+        A.scatter_(2, y[:, None, None].expand(-1, others.shape[1], 1), 1.0).scatter_(2, others[..., None], -1.0)
+        A = A.reshape(others.shape + trace.shapes[start])
+        pending, const = None, None
+    check_sound_crown(graph, start)
+    # chunks of examples, as the unsound pass (every tensor below is per example)
+    chunk = _examples_per_chunk(trace, A, batch)
+    bounds = []
+    for i0 in range(0, batch, chunk):
+        part = slice(i0, min(batch, i0 + chunk))
+        sub = Trace(trace.shapes, {k: tuple(t[part] for t in v) for k, v in trace.boxes.items()}, trace.constants,
+                    True, {k: tuple(t[part] for t in v) for k, v in trace.inputs.items()})
+        walk = _Walk(graph, sub, compute)
+        if const is not None:
+            walk.acc.add(const[0][part])
+            walk.acc.add(-const[1][part] * _U64)        # the rounding of that difference
+        bounds.append(_backward(walk, A[part], None if pending is None else pending[part], start,
+                                tuple(t[part] for t in box)))
+    crown = torch.cat(bounds)
+    crown = -_up_f64(-crown, compute)                            # rounded down into the compute dtype
+    if backend.ok is not None:
+        crown = crown.masked_fill(~backend.ok[:, None], -math.inf)
+    margins = ibp.new_zeros(batch, num_classes).scatter(1, others, no_nan(crown, -math.inf))
+    return torch.maximum(margins, no_nan(ibp, -math.inf))
+
+
+def _backward(walk: _Walk, A: Tensor, pending: Optional[Tensor], start: int, box: Pair) -> Tensor:
+    nodes = walk.graph.nodes
+    i, lam, m = start, A, pending
+    while True:
+        node = nodes[i]
+        kind = node.kind
+        if kind == "input":
+            return walk.concretise(lam, m, box)
+        if kind == "linear":
+            lam, m = walk.linear(node, lam, m), None
+        elif kind == "conv":
+            lam, m = walk.conv(node, lam, m), None
+        elif kind == "affine":
+            lam, m = walk.affine(node, lam, m), None
+        elif kind == "relu":
+            lam, m = walk.relu(node, lam, m)
+        elif kind == "reshape":
+            in_shape = walk.trace.shapes[node.inputs[0]]
+            lam = lam.reshape(lam.shape[:2] + in_shape)
+            m = None if m is None else m.reshape(m.shape[:1] + in_shape)
+        i = node.inputs[0]
