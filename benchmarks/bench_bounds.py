@@ -5,8 +5,9 @@ One process, one run: for each model, batch size and device, the median time of
   * tutorial: IBP in lower/upper form, four products per layer (pyibp backend="torch")
   * pyibp:    IBP in centre/radius form through the fused C++/CUDA operators (the graph walker)
   * pyibp-crown: CROWN-IBP margins (the graph's CROWN walker)
-  * pyibp-sound: IBP margins with sound=True (bounds of the network in exact real arithmetic),
-    in its own round-robin with pyibp (forward only: the sound mode computes no gradients)
+  * pyibp-sound, pyibp-crown-sound: IBP and CROWN-IBP margins with sound=True (bounds of the network
+    in exact real arithmetic), each in its own round-robin with its unsound twin (forward only: the
+    sound mode computes no gradients)
   * seq, seq-crown: the same through the walk over an nn.Sequential's layer list that pyibp used
     before its bound graph (kept here, and only here, as the baseline of the graph path)
 forward only and forward+backward (gradients to the parameters, as in certified training), with
@@ -136,7 +137,8 @@ def workloads(model, x, y):
 
     return {"plain": (plain, plain_bwd), "tutorial": bounds("torch"), "pyibp": bounds("fused"),
             "seq": sequential(False), "pyibp-crown": bounds("fused", "crown-ibp"), "seq-crown": sequential(True),
-            "pyibp-sound": (lambda: pyibp.margin_bounds(model, x, y, EPS, sound=True), None)}
+            "pyibp-sound": (lambda: pyibp.margin_bounds(model, x, y, EPS, sound=True), None),
+            "pyibp-crown-sound": (lambda: pyibp.margin_bounds(model, x, y, EPS, method="crown-ibp", sound=True), None)}
 
 
 def capture_ms(model: nn.Module, repeats: int = 5) -> float:
@@ -190,14 +192,16 @@ def run(args):
                                    "graph_fwdbwd_ms": 1e3 * b[graph], "seq_fwdbwd_ms": 1e3 * b[seq],
                                    "fwdbwd_graph_x_seq": b[graph] / b[seq],
                                    "graph_peak_fwd_MiB": mem[graph] / 2**20, "seq_peak_fwd_MiB": mem[seq] / 2**20})
-                with torch.no_grad():
-                    f = interleaved_medians({k: work[k][0] for k in ("pyibp", "pyibp-sound")}, device,
-                                            repeats=repeats)
-                    peak = {k: peak_bytes(work[k][0], device) for k in ("pyibp", "pyibp-sound")}
-                sound.append({"device": device.type, "model": name, "batch": batch, "method": "ibp",
-                              "unsound_fwd_ms": 1e3 * f["pyibp"], "sound_fwd_ms": 1e3 * f["pyibp-sound"],
-                              "sound_x_unsound": f["pyibp-sound"] / f["pyibp"],
-                              "unsound_peak_MiB": peak["pyibp"] / 2**20, "sound_peak_MiB": peak["pyibp-sound"] / 2**20})
+                for method, plain_key, sound_key in (("ibp", "pyibp", "pyibp-sound"),
+                                                     ("crown-ibp", "pyibp-crown", "pyibp-crown-sound")):
+                    with torch.no_grad():
+                        f = interleaved_medians({k: work[k][0] for k in (plain_key, sound_key)}, device,
+                                                repeats=repeats)
+                        peak = {k: peak_bytes(work[k][0], device) for k in (plain_key, sound_key)}
+                    sound.append({"device": device.type, "model": name, "batch": batch, "method": method,
+                                  "unsound_fwd_ms": 1e3 * f[plain_key], "sound_fwd_ms": 1e3 * f[sound_key],
+                                  "sound_x_unsound": f[sound_key] / f[plain_key],
+                                  "unsound_peak_MiB": peak[plain_key] / 2**20, "sound_peak_MiB": peak[sound_key] / 2**20})
             captures.append({"model": name, "capture_ms": capture_ms(model)})
     captures.append({"model": "torchvision-resnet18", "capture_ms": capture_ms(resnet18(num_classes=10))})
     print_table(rows, ["device", "model", "batch", "method", "fwd_ms", "fwd_x_plain", "fwd_speedup_vs_tutorial",
