@@ -93,6 +93,11 @@ def _up_f64(t: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(r.double() < t, torch.nextafter(r, r.new_tensor(math.inf)), r)
 
 
+def _add_up(a: Tensor, b: Optional[Tensor]) -> Tensor:
+    """``>= a + b`` (b None: a): the float sum rounded up."""
+    return a if b is None else (a + b).nextafter_(a.new_tensor(math.inf))
+
+
 def _magnitude(box: Pair) -> Tensor:
     """``>= |v|`` for every exact value v of the box ``(mu, rad)``."""
     mu, rad = box
@@ -153,7 +158,7 @@ class _Walk:
             self.acc.add(lam @ bias.detach())
             pending = pending + bias.detach().double().abs() * gamma(n_out + 1, u)
             self.floor(lam.new_full((lam.shape[0],), (n_out + 1) * eta))
-        self.reduce(lam, _up_f64(pending * _RELAXED, self.dtype) + (0 if m is None else m))
+        self.reduce(lam, _add_up(_up_f64(pending * _RELAXED, self.dtype), m))
         self.floor(n_out * eta * hmax.double().sum(1) * _RELAXED)
         return lam @ weight
 
@@ -177,7 +182,7 @@ class _Walk:
             n_b = spatial + bias.shape[0] + 1
             pending = pending + bias.detach().double().abs()[:, None, None] * gamma(n_b, u)
             self.floor(lam.new_full((lam.shape[0],), n_b * eta))
-        self.reduce(lam, _up_f64(pending * _RELAXED, self.dtype) + (0 if m is None else m))
+        self.reduce(lam, _add_up(_up_f64(pending * _RELAXED, self.dtype), m))
         self.floor(n_out * eta * hmax.double().flatten(1).sum(1) * _RELAXED)
         plain = ConvParams(weight, None, p.stride, p.padding, p.dilation, p.groups)
         lam, _ = _back_conv(lam, lam.new_zeros(lam.shape[:2]), plain, tuple(box[0].shape[1:]))
@@ -197,7 +202,7 @@ class _Walk:
         sums = lam.sum(tuple(range(3, lam.dim()))) if lam.dim() > 3 else lam
         self.acc.add(sums @ t)
         pending = _up_f64((e_s * zmax + e_t) * _RELAXED, self.dtype)
-        self.reduce(lam, pending + (0 if m is None else m))
+        self.reduce(lam, _add_up(pending, m))
         self.floor((eta * zmax.flatten(1).sum(1) + n_b * eta) * _RELAXED)
         return lam * s.reshape(view)
 
