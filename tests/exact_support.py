@@ -96,3 +96,15 @@ def long_sum(seed: int, n: int = 4096) -> nn.Sequential:
         model[0].bias.copy_(torch.tensor([2.0 ** 10, -0.1, 0.7]))
         model[2].weight.copy_(torch.randn(2, 3, generator=g))
     return model.eval()
+
+
+def rounding_cases(build):
+    """``(model, x, generator)`` for seeds 0-2 of a network built to break rounding (cancelling,
+    long_sum), with inputs that trigger it; the generator continues the seed's stream."""
+    for seed in range(3):
+        model = build(seed)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(2, model[0].in_features, generator=g) * 0.5 + 0.25
+        if build is long_sum:
+            x[:, 1:] *= 2.0 ** -12       # tiny terms after one large one
+        yield model, x, g

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pyibp
-from exact_support import cancelling, exact_forward, fractions, long_sum, tiny, vertices
+from exact_support import cancelling, exact_forward, fractions, long_sum, rounding_cases, tiny, vertices
 from pyibp.testing import random_model, sample_box
 
 
@@ -92,13 +92,7 @@ def test_sound_crown_is_below_the_exact_optimum_of_a_one_input_network(seed):
 def test_networks_built_to_break_round_to_nearest(build, eps):
     """The unsound CROWN-IBP bound lies above the exact margin at least once, the sound one never."""
     unsound_misses = sound_misses = 0
-    for seed in range(3):
-        model = build(seed)
-        g = torch.Generator().manual_seed(seed)
-        n = model[0].in_features
-        x = torch.rand(2, n, generator=g) * 0.5 + 0.25
-        if build is long_sum:
-            x[:, 1:] *= 2.0 ** -12       # tiny terms after one large one
+    for model, x, g in rounding_cases(build):
         for label in (0, 1):
             y = torch.full((2,), label)
             unsound, sound = _crown(model, x, y, eps), _crown(model, x, y, eps, sound=True)
