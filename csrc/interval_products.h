@@ -90,6 +90,29 @@ inline void check_crown_relu_step_backward(const at::Tensor& grad_out, const at:
               "grad_shift must have shape (", A.size(0), ", ", A.size(1), "), got ", grad_shift.sizes());
 }
 
+// A (B, R, N); the lines alpha, sigma, tau and the optional error weights m_in, m_out (B, N), all
+// float32 or float64 (the error model of sound CROWN covers those two), on one device.
+inline void check_sound_crown_relu_step(const at::Tensor& A, const at::Tensor& alpha, const at::Tensor& sigma,
+                                        const at::Tensor& tau, const std::optional<at::Tensor>& m_in,
+                                        const std::optional<at::Tensor>& m_out) {
+  PYIBP_CHECK_DIM(A, 3);
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+              "sound_crown_relu_step computes in float32 or float64, got A of dtype ", A.scalar_type());
+  const auto per_feature = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == A.scalar_type(), name, " must have A's dtype ", A.scalar_type(), ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == A.device(), name, " must be on A's device ", A.device(), ", got ", t.device());
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == A.size(0) && t.size(1) == A.size(2), name,
+                " must have shape (B, N) = (", A.size(0), ", ", A.size(2), ") to match A ", A.sizes(), ", got ",
+                t.sizes());
+  };
+  per_feature(alpha, "alpha");
+  per_feature(sigma, "sigma");
+  per_feature(tau, "tau");
+  if (m_in.has_value()) per_feature(*m_in, "m_in");
+  if (m_out.has_value()) per_feature(*m_out, "m_out");
+}
+
 inline void check_affine(const at::Tensor& mu, const at::Tensor& rad, const at::Tensor& scale,
                          const at::Tensor& shift) {
   check_pair(mu, rad);

@@ -37,6 +37,12 @@ TORCH_LIBRARY(pyibp, m) {
   m.def("crown_relu_step(Tensor A, Tensor mu, Tensor rad) -> (Tensor, Tensor)");
   m.def("crown_relu_step_backward(Tensor grad_out, Tensor grad_shift, Tensor A, Tensor mu, Tensor rad) "
         "-> (Tensor, Tensor, Tensor)");
+  // One sound CROWN step back through ReLUs with the lines alpha z <= relu(z) <= sigma z + tau
+  // (B, N), rounded outward by the caller: A' = A+ alpha + A- sigma (B, R, N) and per row the sums
+  // (B, R) of A- tau, of |A| m_in and of |A'| m_out (the error weights of the coefficients before
+  // and after the step; 0 when omitted), each over N terms of one sign, in the dtype's arithmetic.
+  m.def("sound_crown_relu_step(Tensor A, Tensor alpha, Tensor sigma, Tensor tau, Tensor? m_in, "
+        "Tensor? m_out) -> (Tensor, Tensor, Tensor, Tensor)");
   // In-place PGD updates, projected onto the eps-ball around x and the domain [lower, upper].
   m.def("pgd_linf_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor alpha, "
         "float lower, float upper) -> ()");

@@ -18,6 +18,7 @@ from . import _C  # noqa: F401  (loads the operator library)
 __all__ = [
     "input_box", "interval_linear", "interval_conv2d", "interval_relu", "interval_affine",
     "center_to_interval", "interval_to_center", "margin_elision", "relu_relaxation", "crown_relu_step",
+    "sound_crown_relu_step",
     "pgd_linf_step_", "pgd_l2_step_", "abs_weight",
 ]
 
@@ -495,6 +496,44 @@ def _crown_relu_step_backward(ctx, grad_out, grad_shift):
 
 torch.library.register_autograd("pyibp::crown_relu_step", _crown_relu_step_backward,
                                 setup_context=_crown_relu_step_setup)
+
+
+def sound_crown_relu_step(A: Tensor, alpha: Tensor, sigma: Tensor, tau: Tensor, m_in: Optional[Tensor] = None,
+                          m_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One step of sound CROWN back through ReLUs with given lines, in one pass over ``A``.
+
+    The caller rounds the lines ``alpha z <= relu(z) <= sigma z + tau`` outward (``alpha`` 0 or 1,
+    ``tau >= 0``); ``m_in`` / ``m_out >= 0`` are the error weights of the coefficients before and
+    after the step (see :mod:`pyibp.bounds.sound_crown`). Equivalent to::
+
+        out = torch.where(A < 0, A * sigma, A * alpha)          # alpha, sigma, tau broadcast over R
+        shift = (A.clamp(max=0) * tau).sum(-1)                  # terms <= 0
+        slack_in = (A.abs() * m_in).sum(-1)                     # terms >= 0; 0 without m_in
+        slack_out = (out.abs() * m_out).sum(-1)                 # terms >= 0; 0 without m_out
+
+    with every product rounded once and each sum of N terms accumulated in the dtype in some
+    order (so within the ``γ_N`` bound of the error model). No autograd: certificates only.
+
+    Args:
+        A: (B, R, N) float32 or float64 — R specification rows per example over N features.
+        alpha, sigma, tau: (B, N) the ReLU lines, A's dtype.
+        m_in, m_out: (B, N) or None.
+    Returns:
+        ``(out, shift, slack_in, slack_out)``: (B, R, N) contiguous and three (B, R).
+
+    Example:
+        >>> A = torch.tensor([[[1.0, -2.0]]])
+        >>> line = torch.tensor([[1.0, 0.5]])
+        >>> sound_crown_relu_step(A, torch.tensor([[1.0, 0.0]]), line, line, torch.ones(1, 2))
+        (tensor([[[ 1., -1.]]]), tensor([[-1.]]), tensor([[3.]]), tensor([[0.]]))
+    """
+    return _ops.sound_crown_relu_step.default(A, alpha, sigma, tau, m_in, m_out)
+
+
+@torch.library.register_fake("pyibp::sound_crown_relu_step")
+def _(A, alpha, sigma, tau, m_in, m_out):
+    rows = A.new_empty(A.shape[:2])
+    return torch.empty_like(A.contiguous()), rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
 # ---------------------------------------------------------------------------------------------

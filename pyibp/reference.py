@@ -93,6 +93,16 @@ def crown_relu_step_ref(A: Tensor, mu: Tensor, rad: Tensor) -> Pair:
     return A_pos * lower_slope.detach() + A_neg * upper_slope, (A_neg * intercept).sum(-1)
 
 
+def sound_crown_relu_step_ref(A: Tensor, alpha: Tensor, sigma: Tensor, tau: Tensor, m_in: Optional[Tensor],
+                              m_out: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    out = torch.where(A < 0, A * sigma[:, None], A * alpha[:, None])
+    shift = (A.clamp(max=0) * tau[:, None]).sum(-1)
+    zero = A.new_zeros(A.shape[:2])
+    slack_in = zero if m_in is None else (A.abs() * m_in[:, None]).sum(-1)
+    slack_out = zero if m_out is None else (out.abs() * m_out[:, None]).sum(-1)
+    return out, shift, slack_in, slack_out
+
+
 def pgd_linf_step_ref(delta: Tensor, grad: Tensor, x: Tensor, eps: Tensor, alpha: Tensor,
                       lower: float, upper: float) -> Tensor:
     e, a = _per_example(eps.to(x.dtype), x), _per_example(alpha.to(x.dtype), x)

@@ -69,6 +69,57 @@ def test_crown_relu_step_matches_reference(device, dtype, shape, layout):
     close(out, reference.crown_relu_step_ref(A, mu, rad), dtype)
 
 
+def _sound_relu_inputs(batch, rows, n, dtype, device, weights=True):
+    """A with both signs and zeros; lines of dead (0, 0, 0), active (1, 1, 0) and unstable neurons."""
+    A, mu, rad = _crown_relu_inputs(batch, rows, n, dtype, device)
+    alpha, sigma, tau = ops.relu_relaxation(mu - rad, mu + rad)
+    m = (lambda: torch.rand(batch, n, dtype=dtype, device=device)) if weights else (lambda: None)
+    return A, alpha, sigma, tau, m(), m()
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 9, 37), (3, 1, 1000), (0, 9, 4), (2, 0, 4), (2, 3, 0)])
+@pytest.mark.parametrize("weights", [True, False])
+def test_sound_crown_relu_step_matches_reference(device, dtype, shape, weights):
+    args = _sound_relu_inputs(*shape, dtype, device, weights)
+    out = ops.sound_crown_relu_step(*args)
+    assert out[0].shape == args[0].shape and all(t.shape == args[0].shape[:2] for t in out[1:])
+    expected = reference.sound_crown_relu_step_ref(*args)
+    torch.testing.assert_close(out[0], expected[0], rtol=0, atol=0)      # one rounded product each
+    close(out[1:], expected[1:], dtype)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_sound_crown_relu_step_sums_obey_the_error_model(device):
+    """Each float32 sum of n terms lies within γ_n Σ|terms| + nη of the exact sum (computed in
+    float64 from the same rounded float32 products, whose sum float64 holds to ~2^-29 relative),
+    the bound the sound CROWN pass charges for it — with cancellation and magnitudes far apart."""
+    from pyibp.bounds.sound import gamma, units
+    torch.manual_seed(0)
+    u, eta = units(torch.float32)
+    A, alpha, sigma, tau, m_in, m_out = _sound_relu_inputs(4, 6, 5000, torch.float32, device)
+    A = A * torch.logspace(-30, 30, 5000, device=device).float()
+    m_in = m_in * torch.logspace(20, -20, 5000, device=device).float()
+    out, shift, slack_in, slack_out = ops.sound_crown_relu_step(A, alpha, sigma, tau, m_in, m_out)
+    n = A.shape[2]
+    terms = [A.clamp(max=0) * tau[:, None], A.abs() * m_in[:, None], out.abs() * m_out[:, None]]
+    for computed, t in zip((shift, slack_in, slack_out), terms):
+        exact = t.double().sum(-1)
+        bound = gamma(n, u) * t.double().abs().sum(-1) + n * eta
+        assert ((computed.double() - exact).abs() <= bound).all()
+
+
+def test_sound_crown_relu_step_refuses_bad_arguments():
+    A, alpha, sigma, tau, m_in, m_out = _sound_relu_inputs(2, 3, 4, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.sound_crown_relu_step(A.half(), alpha.half(), sigma.half(), tau.half())
+    with pytest.raises(RuntimeError, match=r"sigma must have shape \(B, N\) = \(2, 4\)"):
+        ops.sound_crown_relu_step(A, alpha, sigma[:, :3], tau)
+    with pytest.raises(RuntimeError, match="m_out must have A's dtype"):
+        ops.sound_crown_relu_step(A, alpha, sigma, tau, m_in, m_out.double())
+
+
 @pytest.mark.parametrize("device", devices)
 def test_crown_relu_step_gradients_match_reference_autograd(device):
     torch.manual_seed(1)
@@ -284,6 +335,8 @@ def test_opcheck_all_operators(device, layout):
     flat_rad = L(torch.rand(3, 100, **kw).requires_grad_())
     A = L(torch.randn(3, 2, 100, **kw).requires_grad_())
     _opcheck(torch.ops.pyibp.crown_relu_step.default, (A, flat_mu, flat_rad))
+    _opcheck(torch.ops.pyibp.sound_crown_relu_step.default,
+             tuple(_laid_out(t, layout) for t in _sound_relu_inputs(3, 2, 100, torch.float32, device)))
     _opcheck(torch.ops.pyibp.crown_relu_step_backward.default,
              (L(torch.randn(3, 2, 100, **kw)), torch.randn(3, 2, **kw), A.detach(), flat_mu.detach(),
               flat_rad.detach()))

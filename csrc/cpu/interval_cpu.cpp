@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu/loops.h"
@@ -392,6 +393,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_step_backward_cpu(
   return {grad_A, grad_mu, grad_rad};
 }
 
+// One row of A through the sound ReLU step: its coefficients and its three sums, each in kLanes
+// fixed partial sums (one order on every run, and the loop vectorises). m_in / m_out may be null.
+template <typename T>
+void sound_crown_relu_row(const T* __restrict__ a, const T* __restrict__ alpha, const T* __restrict__ sigma,
+                          const T* __restrict__ tau, const T* __restrict__ m_in, const T* __restrict__ m_out,
+                          T* __restrict__ out, T* __restrict__ sums, int64_t n) {
+  constexpr int kLanes = 8;
+  T shift[kLanes] = {}, slack_in[kLanes] = {}, slack_out[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC unroll 8
+    for (int lane = 0; lane < kLanes; ++lane) {
+      T term;
+      const T ai = a[i + lane];
+      const T oi = sound_relu_coefficient(ai, alpha[i + lane], sigma[i + lane], tau[i + lane], &term);
+      out[i + lane] = oi;
+      shift[lane] += term;
+      if (m_in) slack_in[lane] += std::abs(ai) * m_in[i + lane];
+      if (m_out) slack_out[lane] += std::abs(oi) * m_out[i + lane];
+    }
+  }
+  for (; i < n; ++i) {
+    T term;
+    const T oi = sound_relu_coefficient(a[i], alpha[i], sigma[i], tau[i], &term);
+    out[i] = oi;
+    shift[0] += term;
+    if (m_in) slack_in[0] += std::abs(a[i]) * m_in[i];
+    if (m_out) slack_out[0] += std::abs(oi) * m_out[i];
+  }
+  T total[3] = {};
+  for (int lane = 0; lane < kLanes; ++lane) {
+    total[0] += shift[lane];
+    total[1] += slack_in[lane];
+    total[2] += slack_out[lane];
+  }
+  for (int k = 0; k < 3; ++k) sums[k] = total[k];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sound_crown_relu_step_cpu(
+    const at::Tensor& A_in, const at::Tensor& alpha_in, const at::Tensor& sigma_in, const at::Tensor& tau_in,
+    const std::optional<at::Tensor>& m_in_opt, const std::optional<at::Tensor>& m_out_opt) {
+  check_sound_crown_relu_step(A_in, alpha_in, sigma_in, tau_in, m_in_opt, m_out_opt);
+  const at::Tensor A = A_in.contiguous(), alpha = alpha_in.contiguous(), sigma = sigma_in.contiguous(),
+                   tau = tau_in.contiguous();
+  const at::Tensor m_in = m_in_opt.has_value() ? m_in_opt->contiguous() : at::Tensor();
+  const at::Tensor m_out = m_out_opt.has_value() ? m_out_opt->contiguous() : at::Tensor();
+  const int64_t rows = A.size(1), n = A.size(2);
+  at::Tensor out = at::empty_like(A);
+  at::Tensor sums[3] = {at::empty({A.size(0), rows}, A.options()), at::empty({A.size(0), rows}, A.options()),
+                        at::empty({A.size(0), rows}, A.options())};
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "pyibp_sound_crown_relu_step_cpu", [&] {
+    const scalar_t* a = A.data_ptr<scalar_t>();
+    const scalar_t* al = alpha.data_ptr<scalar_t>();
+    const scalar_t* si = sigma.data_ptr<scalar_t>();
+    const scalar_t* ta = tau.data_ptr<scalar_t>();
+    const scalar_t* mi = m_in.defined() ? m_in.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mo = m_out.defined() ? m_out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    scalar_t* s[3] = {sums[0].data_ptr<scalar_t>(), sums[1].data_ptr<scalar_t>(), sums[2].data_ptr<scalar_t>()};
+    const int64_t total = A.size(0) * rows;
+    at::parallel_for(0, total, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t base = (row / rows) * n;
+        scalar_t row_sums[3];
+        sound_crown_relu_row(a + row * n, al + base, si + base, ta + base, mi ? mi + base : nullptr,
+                             mo ? mo + base : nullptr, o + row * n, row_sums, n);
+        for (int k = 0; k < 3; ++k) s[k][row] = row_sums[k];
+      }
+    });
+  });
+  return {out, sums[0], sums[1], sums[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyibp, CPU, m) {
@@ -407,6 +481,7 @@ TORCH_LIBRARY_IMPL(pyibp, CPU, m) {
   m.impl("relu_relaxation", &relu_relaxation_cpu);
   m.impl("crown_relu_step", &crown_relu_step_cpu);
   m.impl("crown_relu_step_backward", &crown_relu_step_backward_cpu);
+  m.impl("sound_crown_relu_step", &sound_crown_relu_step_cpu);
 }
 
 }  // namespace pyibp

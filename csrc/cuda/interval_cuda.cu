@@ -357,6 +357,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_step_backward_cuda(
   return {grad_A, grad_mu, grad_rad};
 }
 
+// One block per (example, row) of A, as crown_relu_step_kernel: the threads stride over the row,
+// then its three sums are reduced in shared memory in a fixed order. m_in / m_out may be null.
+template <typename scalar_t>
+__global__ void sound_crown_relu_step_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ alpha,
+                                             const scalar_t* __restrict__ sigma, const scalar_t* __restrict__ tau,
+                                             const scalar_t* __restrict__ m_in, const scalar_t* __restrict__ m_out,
+                                             scalar_t* __restrict__ out, scalar_t* __restrict__ shift,
+                                             scalar_t* __restrict__ slack_in, scalar_t* __restrict__ slack_out,
+                                             int64_t rows, int64_t n) {
+  __shared__ scalar_t partial[3][kThreads];
+  const int64_t row = blockIdx.x;
+  const int64_t base = (row / rows) * n;
+  scalar_t sums[3] = {0, 0, 0};
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const scalar_t ai = a[row * n + i];
+    scalar_t term;
+    const scalar_t oi = sound_relu_coefficient(ai, alpha[base + i], sigma[base + i], tau[base + i], &term);
+    out[row * n + i] = oi;
+    sums[0] += term;
+    if (m_in) sums[1] += fabs(ai) * m_in[base + i];
+    if (m_out) sums[2] += fabs(oi) * m_out[base + i];
+  }
+  for (int k = 0; k < 3; ++k) partial[k][threadIdx.x] = sums[k];
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) {
+      for (int k = 0; k < 3; ++k) partial[k][threadIdx.x] += partial[k][threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    shift[row] = partial[0][0];
+    slack_in[row] = partial[1][0];
+    slack_out[row] = partial[2][0];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sound_crown_relu_step_cuda(
+    const at::Tensor& A_in, const at::Tensor& alpha_in, const at::Tensor& sigma_in, const at::Tensor& tau_in,
+    const std::optional<at::Tensor>& m_in_opt, const std::optional<at::Tensor>& m_out_opt) {
+  check_sound_crown_relu_step(A_in, alpha_in, sigma_in, tau_in, m_in_opt, m_out_opt);
+  const at::cuda::OptionalCUDAGuard guard(A_in.device());
+  const at::Tensor A = A_in.contiguous(), alpha = alpha_in.contiguous(), sigma = sigma_in.contiguous(),
+                   tau = tau_in.contiguous();
+  const at::Tensor m_in = m_in_opt.has_value() ? m_in_opt->contiguous() : at::Tensor();
+  const at::Tensor m_out = m_out_opt.has_value() ? m_out_opt->contiguous() : at::Tensor();
+  const int64_t rows = A.size(1), n = A.size(2), blocks = A.size(0) * rows;
+  at::Tensor out = at::empty_like(A), shift = at::empty({A.size(0), rows}, A.options());
+  at::Tensor slack_in = at::empty_like(shift), slack_out = at::empty_like(shift);
+  if (blocks == 0) return {out, shift, slack_in, slack_out};
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "pyibp_sound_crown_relu_step_cuda", [&] {
+    sound_crown_relu_step_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        A.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), tau.data_ptr<scalar_t>(),
+        m_in.defined() ? m_in.data_ptr<scalar_t>() : nullptr, m_out.defined() ? m_out.data_ptr<scalar_t>() : nullptr,
+        out.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), slack_in.data_ptr<scalar_t>(),
+        slack_out.data_ptr<scalar_t>(), rows, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, shift, slack_in, slack_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyibp, CUDA, m) {
@@ -372,6 +433,7 @@ TORCH_LIBRARY_IMPL(pyibp, CUDA, m) {
   m.impl("relu_relaxation", &relu_relaxation_cuda);
   m.impl("crown_relu_step", &crown_relu_step_cuda);
   m.impl("crown_relu_step_backward", &crown_relu_step_backward_cuda);
+  m.impl("sound_crown_relu_step", &sound_crown_relu_step_cuda);
 }
 
 }  // namespace pyibp

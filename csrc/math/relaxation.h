@@ -50,4 +50,13 @@ C10_HOST_DEVICE inline T crown_relu_coefficient(T a, const ReluRelaxation<T>& r,
   return a > T(0) ? a * r.lower_slope : a * r.upper_slope;
 }
 
+// One element of a sound CROWN step back through a ReLU whose lines alpha z <= relu(z) <= sigma z + tau
+// the caller computed with outward rounding (alpha 0 or 1): the coefficient that replaces a, and
+// its term of the row's shift (<= 0, the upper intercept where a < 0).
+template <typename T>
+C10_HOST_DEVICE inline T sound_relu_coefficient(T a, T alpha, T sigma, T tau, T* shift_term) {
+  *shift_term = a < T(0) ? a * tau : T(0);
+  return a < T(0) ? a * sigma : a * alpha;
+}
+
 }  // namespace pyibp

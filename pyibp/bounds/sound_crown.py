@@ -18,7 +18,9 @@ The units and the rounding model are those of :mod:`pyibp.bounds.sound` (``u``, 
    * Linear/Conv ``z = W h + b``: ``Λ' = fl(Λ W)`` is within ``γ_n |Λ||W| + nη`` of ``Λ W``, so
      ``|Λ W - Λ'| |h| <= γ_n |Λ| (|W| hmax) + nη Σ hmax``; ``|W| hmax`` is a forward product of the
      recorded box (rounded up). The bias term ``fl(Λ b)`` is within ``γ_n |Λ||b| + nη`` of ``Λ b``.
-     Both join the pending weight, and **one** reduction ``Σ |Λ| m`` per layer moves it into ``s``.
+     Both join the pending weight, and **one** reduction ``Σ |Λ| m`` per layer moves it into ``s``:
+     when the layer feeds a ReLU, the fused ReLU step (:func:`pyibp.ops.sound_crown_relu_step`)
+     computes it in the same pass over Λ that maps Λ through the ReLU.
    * ReLU on ``[l, u]``: dead and active neurons are exact (0 and the identity); an unstable one
      uses the lower line ``α z`` with ``α`` 0 or 1 (exact) and the upper line ``σ z + τ`` with
      ``σ = up(u / down(u - l)) >= u / (u - l)`` and ``τ = up(σ (-l))``, which lies above ReLU on
@@ -46,13 +48,16 @@ TypeError naming the node; sound IBP (``method="ibp"``) covers more of them.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .checks import Bound, domain
-from .crown import _back_conv, _channels_last, _examples_per_chunk, _flat_box, _flat_features, _other_classes
+from .. import ops
+from .crown import (_A_channels_last, _back_conv, _channels_last, _examples_per_chunk, _flat_box, _flat_features,
+                    _other_classes, _unflatten_features)
 from .graph import BoundGraph, ConvParams, conv_params, linear_params, per_channel
 from .ibp import Trace, _param, ibp_margins, no_nan
 from .sound import SoundBackend, gamma, units
@@ -129,6 +134,7 @@ class _Walk:
         self.u, self.eta = units(dtype)
         self.dtype = dtype
         self.acc = _Accumulator()
+        self.done: set = set()
 
     # -- the error bookkeeping ------------------------------------------------------------------
     def reduce(self, lam: Tensor, m: Optional[Tensor]) -> None:
@@ -146,81 +152,127 @@ class _Walk:
         self.acc.add(-amount.double()[:, None])
 
     # -- the rules -------------------------------------------------------------------------------
-    def linear(self, node, lam: Tensor, m: Optional[Tensor]) -> Tensor:
+    # A Linear, Conv or affine node adds a pending weight on the Λ of its output (``pending``, which
+    # does not depend on Λ) and maps Λ back (``apply``). After a ReLU step the fused kernel already
+    # reduced that pending weight on the ReLU's new Λ (see ``relu``); ``done`` holds those nodes.
+    def layer(self, node, lam: Tensor, m: Optional[Tensor]) -> Tensor:
+        if node.index in self.done:
+            self.done.discard(node.index)
+        else:
+            self.reduce(lam, _add_up(self.pending(node, lam.shape[0]), m))
+        return self.apply(node, lam)
+
+    def pending(self, node, batch: int) -> Tensor:
+        """The pending weight (b, *output features) of ``node``'s rounding, with its floors added."""
+        u, eta = self.u, self.eta
+        if node.kind == "affine":
+            return self._affine_pending(node, batch)
+        box = self.trace.inputs[node.index]
+        hmax = _magnitude(box)
+        if node.kind == "linear":
+            weight, bias = self._linear(node)
+            n_out, n_in = weight.shape
+            wh = _upper_sum(hmax @ weight.abs().t(), n_in, u, eta)               # (b, n_out) >= |W| hmax
+            n_products, n_b = n_out, n_out + 1
+            bias_err = None if bias is None else bias.double().abs()
+        else:
+            p = self._conv(node)
+            forward = torch.nn.functional.conv2d(hmax, p.weight.abs(), None, p.stride, p.padding, p.dilation,
+                                                 p.groups)
+            wh = _upper_sum(forward, p.weight[0].numel(), u, eta)                # (b, C, H, W) >= |W| hmax
+            n_products = p.weight.shape[0] * p.weight.shape[2] * p.weight.shape[3]  # per input element of Λ W
+            n_b = forward.shape[2] * forward.shape[3] + p.weight.shape[0] + 1
+            bias_err = None if p.bias is None else p.bias.double().abs()[:, None, None]
+        pending = wh * gamma(n_products, u)
+        if bias_err is not None:
+            pending = pending + bias_err * gamma(n_b, u)
+            self.floor(hmax.new_full((batch,), n_b * eta))
+        self.floor(n_products * eta * hmax.double().flatten(1).sum(1) * _RELAXED)
+        return _up_f64(pending * _RELAXED, self.dtype)
+
+    def apply(self, node, lam: Tensor) -> Tensor:
+        """Λ mapped back through ``node``, the bias term added to the constant."""
+        if node.kind == "linear":
+            weight, bias = self._linear(node)
+            if bias is not None:
+                self.acc.add(lam @ bias)
+            return lam @ weight
+        if node.kind == "affine":
+            s, t = self._affine(node, lam.shape[2])[:2]
+            sums = lam.sum(tuple(range(3, lam.dim()))) if lam.dim() > 3 else lam
+            self.acc.add(sums @ t)
+            return lam * s.reshape((-1,) + (1,) * (lam.dim() - 3))
+        p = self._conv(node)
+        if p.bias is not None:
+            self.acc.add(lam.sum((3, 4)) @ p.bias)
+        plain = ConvParams(p.weight, None, p.stride, p.padding, p.dilation, p.groups)
+        lam, _ = _back_conv(lam, lam.new_zeros(lam.shape[:2]), plain, tuple(self.trace.inputs[node.index][0].shape[1:]))
+        return lam
+
+    def _linear(self, node) -> Tuple[Tensor, Optional[Tensor]]:
         weight, bias = linear_params(node, self.trace.constants)
         weight, bias = _param(weight, self.dtype).detach(), _param(bias, self.dtype)
-        hmax = _magnitude(self.trace.inputs[node.index])
-        n_out, n_in = weight.shape
-        u, eta = self.u, self.eta
-        wh = _upper_sum(hmax @ weight.abs().t(), n_in, u, eta)                  # (b, n_out) >= |W| hmax
-        pending = wh * gamma(n_out, u)
-        if bias is not None:
-            self.acc.add(lam @ bias.detach())
-            pending = pending + bias.detach().double().abs() * gamma(n_out + 1, u)
-            self.floor(lam.new_full((lam.shape[0],), (n_out + 1) * eta))
-        self.reduce(lam, _add_up(_up_f64(pending * _RELAXED, self.dtype), m))
-        self.floor(n_out * eta * hmax.double().sum(1) * _RELAXED)
-        return lam @ weight
+        return weight, None if bias is None else bias.detach()
 
-    def conv(self, node, lam: Tensor, m: Optional[Tensor]) -> Tensor:
+    def _conv(self, node) -> ConvParams:
         p = conv_params(node, self.trace.constants)
         if p.weight.dim() != 4:
             raise TypeError(f"sound=True with method='crown-ibp' supports Conv2d, not {node.describe()}")
-        weight, bias = _param(p.weight, self.dtype).detach(), _param(p.bias, self.dtype)
-        box = self.trace.inputs[node.index]
-        hmax = _magnitude(box)
-        u, eta = self.u, self.eta
-        abs_w = weight.abs()
-        n_in = weight[0].numel()
-        forward = torch.nn.functional.conv2d(hmax, abs_w, None, p.stride, p.padding, p.dilation, p.groups)
-        wh = _upper_sum(forward, n_in, u, eta)                                    # (b, C, H, W) >= |W| hmax
-        n_out = weight.shape[0] * weight.shape[2] * weight.shape[3]    # products per input element of Λ W
-        pending = wh * gamma(n_out, u)
-        if bias is not None:
-            spatial = lam.shape[3] * lam.shape[4]
-            self.acc.add(lam.sum((3, 4)) @ bias.detach())
-            n_b = spatial + bias.shape[0] + 1
-            pending = pending + bias.detach().double().abs()[:, None, None] * gamma(n_b, u)
-            self.floor(lam.new_full((lam.shape[0],), n_b * eta))
-        self.reduce(lam, _add_up(_up_f64(pending * _RELAXED, self.dtype), m))
-        self.floor(n_out * eta * hmax.double().flatten(1).sum(1) * _RELAXED)
-        plain = ConvParams(weight, None, p.stride, p.padding, p.dilation, p.groups)
-        lam, _ = _back_conv(lam, lam.new_zeros(lam.shape[:2]), plain, tuple(box[0].shape[1:]))
-        return lam
+        bias = _param(p.bias, self.dtype)
+        return ConvParams(_param(p.weight, self.dtype).detach(), None if bias is None else bias.detach(),
+                          p.stride, p.padding, p.dilation, p.groups)
 
-    def affine(self, node, lam: Tensor, m: Optional[Tensor]) -> Tensor:
-        scale64, shift64, scale_err, shift_err = per_channel(SoundBackend().affine_map(node, None), lam.shape[2])
-        zmax = _magnitude(self.trace.inputs[node.index]).double()
-        u, eta = self.u, self.eta
+    def _affine(self, node, channels: int):
+        """``(s, t, e_s, e_t)``: the float scale and shift and the float64 error weights per channel
+        (times zmax of the input, and alone) of ``fl(Λ s)``, ``fl(Λ t)`` against the exact map."""
+        scale64, shift64, scale_err, shift_err = per_channel(SoundBackend().affine_map(node, None), channels)
+        u = self.u
         s, t = scale64.to(self.dtype), shift64.to(self.dtype)
-        view = (-1,) + (1,) * (lam.dim() - 3)
         # |Λ S - fl(Λ s)| <= |Λ| (|S - s| + u |s|) + η/2 per element; times zmax of the input
-        e_s = (scale_err + (scale64 - s.double()).abs() + u * s.double().abs()).reshape(view)
-        spatial = math.prod(lam.shape[3:])
-        n_b = spatial + t.shape[0] + 1
-        e_t = (gamma(n_b, u) * t.double().abs() + shift_err + (shift64 - t.double()).abs()).reshape(view)
-        sums = lam.sum(tuple(range(3, lam.dim()))) if lam.dim() > 3 else lam
-        self.acc.add(sums @ t)
-        pending = _up_f64((e_s * zmax + e_t) * _RELAXED, self.dtype)
-        self.reduce(lam, _add_up(pending, m))
-        self.floor((eta * zmax.flatten(1).sum(1) + n_b * eta) * _RELAXED)
-        return lam * s.reshape(view)
+        e_s = scale_err + (scale64 - s.double()).abs() + u * s.double().abs()
+        e_t = shift_err + (shift64 - t.double()).abs()
+        return s, t, e_s, e_t
 
-    def relu(self, node, lam: Tensor, m: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        self.reduce(lam, m)
+    def _affine_pending(self, node, batch: int) -> Tensor:
+        zmax = _magnitude(self.trace.inputs[node.index]).double()
+        s, t, e_s, e_t = self._affine(node, zmax.shape[1])
+        view = (-1,) + (1,) * (zmax.dim() - 2)
+        n_b = math.prod(zmax.shape[2:]) + t.shape[0] + 1
+        e_t = e_t + gamma(n_b, self.u) * t.double().abs()
+        self.floor((self.eta * zmax.flatten(1).sum(1) + n_b * self.eta) * _RELAXED)
+        return _up_f64((e_s.reshape(view) * zmax + e_t.reshape(view)) * _RELAXED, self.dtype)
+
+    def relu(self, node, lam: Tensor, m: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Λ through the ReLU ``node`` in one fused pass (:func:`pyibp.ops.sound_crown_relu_step`),
+        which also reduces the incoming pending weight ``m`` and, when the ReLU's input is a Linear,
+        Conv or affine node, the pending weight of the new Λ (the ReLU's rounding and that node's)."""
         mu, rad = self.trace.boxes[node.index]
         alpha, sigma, tau, zmax = _relu_lines(mu, rad)
         u, eta = self.u, self.eta
-        lam_z = torch.where(lam >= 0, lam * alpha[:, None], lam * sigma[:, None])
+        m_relu = _up_f64(zmax.double() * (u / (1 - u) * _RELAXED), self.dtype)
+        producer = self.graph.nodes[node.inputs[0]]
+        m_out = m_relu
+        if producer.kind in ("linear", "conv", "affine"):
+            m_out = _add_up(self.pending(producer, lam.shape[0]), m_relu)
+            self.done.add(producer.index)
+        if lam.dim() == 5 and not _channels_last(lam):
+            lam = _A_channels_last(lam)      # the transposed convolution that follows is faster so
         cl = _channels_last(lam)
-        flat = _flat_features(lam, cl)
-        n = flat.shape[2]
-        shift = torch.bmm(flat.clamp(max=0), _flat_box(tau, cl)[:, :, None])[..., 0]   # terms <= 0
+        flat = partial(_flat_box, channels_last=cl)
+        out, shift, slack_in, slack_out = ops.sound_crown_relu_step(
+            _flat_features(lam, cl), flat(alpha), flat(sigma), flat(tau), None if m is None else flat(m), flat(m_out))
+        n = out.shape[2]
         self.acc.add(shift)
         # its rounding: γ_n Σ|terms| + nη, with Σ|terms| <= (|shift| + nη) / (1 - γ_n)
         self.acc.add(-(gamma(n, u) * _upper_sum(-shift, n, u, eta) + n * eta))
+        if m is not None:
+            self.acc.add(-_upper_sum(slack_in, n, u, eta))
+        self.acc.add(-_upper_sum(slack_out, n, u, eta))
         self.floor(eta * zmax.double().flatten(1).sum(1) * _RELAXED)
-        return lam_z, _up_f64(zmax.double() * (u / (1 - u) * _RELAXED), self.dtype)
+        lam = _unflatten_features(out, lam.shape, cl)
+        if producer.index in self.done:
+            return lam, None
+        return lam, m_relu
 
     def concretise(self, lam: Tensor, m: Optional[Tensor], box: Pair) -> Tensor:
         """(b, R): the lower bound of ``Λ x - Σ|Λ| m + c - s`` over the input box (float64)."""
@@ -315,12 +367,8 @@ def _backward(walk: _Walk, A: Tensor, pending: Optional[Tensor], start: int, box
         kind = node.kind
         if kind == "input":
             return walk.concretise(lam, m, box)
-        if kind == "linear":
-            lam, m = walk.linear(node, lam, m), None
-        elif kind == "conv":
-            lam, m = walk.conv(node, lam, m), None
-        elif kind == "affine":
-            lam, m = walk.affine(node, lam, m), None
+        if kind in ("linear", "conv", "affine"):
+            lam, m = walk.layer(node, lam, m), None
         elif kind == "relu":
             lam, m = walk.relu(node, lam, m)
         elif kind == "reshape":
