@@ -172,8 +172,9 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     # The expressive losses keep the IBP recipe above (Shi et al.'s initialisation, warm-up
     # regularisers and ramp, which De Palma et al. and Müller et al. also use) and add their attack:
     # MTL-IBP / CC-IBP one step of 10·ε from a random start, SABR 8 steps of 0.5·ε.
-    # mtl-ibp trains at 1.5 ε (De Palma et al. train MNIST 0.1 at 2 ε): see the README for what it reached.
-    "mtl-ibp": dict(_CERTIFIED_DEFAULTS, attack_steps=1, attack_step_scale=10.0, expressive_alpha=0.5,
+    # mtl-ibp trains at 1.5 ε (De Palma et al. train MNIST 0.1 at 2 ε) with α = 0.7: see the README
+    # for what was tried (α = 0.5 verified 9.8 %, 0.7 verified 9.0 % with CROWN-IBP).
+    "mtl-ibp": dict(_CERTIFIED_DEFAULTS, attack_steps=1, attack_step_scale=10.0, expressive_alpha=0.7,
                     train_eps_scale=1.5),
     "cc-ibp": dict(_CERTIFIED_DEFAULTS, attack_steps=1, attack_step_scale=10.0, expressive_alpha=0.5),
     "sabr": dict(_CERTIFIED_DEFAULTS, attack_steps=8, attack_step_scale=0.5, sabr_lambda=0.4),
