@@ -251,8 +251,9 @@ class _Walk:
         u, eta = self.u, self.eta
         m_relu = _up_f64(zmax.double() * (u / (1 - u) * _RELAXED), self.dtype)
         producer = self.graph.nodes[node.inputs[0]]
-        m_out = m_relu
-        if producer.kind in ("linear", "conv", "affine"):
+        fused = producer.kind in ("linear", "conv", "affine")
+        m_out = None
+        if fused:      # else m_relu is returned and reduced by the node that receives it
             m_out = _add_up(self.pending(producer, lam.shape[0]), m_relu)
             self.done.add(producer.index)
         if lam.dim() == 5 and not _channels_last(lam):
@@ -260,19 +261,18 @@ class _Walk:
         cl = _channels_last(lam)
         flat = partial(_flat_box, channels_last=cl)
         out, shift, slack_in, slack_out = ops.sound_crown_relu_step(
-            _flat_features(lam, cl), flat(alpha), flat(sigma), flat(tau), None if m is None else flat(m), flat(m_out))
+            _flat_features(lam, cl), flat(alpha), flat(sigma), flat(tau), None if m is None else flat(m),
+            None if m_out is None else flat(m_out))
         n = out.shape[2]
         self.acc.add(shift)
         # its rounding: γ_n Σ|terms| + nη, with Σ|terms| <= (|shift| + nη) / (1 - γ_n)
         self.acc.add(-(gamma(n, u) * _upper_sum(-shift, n, u, eta) + n * eta))
         if m is not None:
             self.acc.add(-_upper_sum(slack_in, n, u, eta))
-        self.acc.add(-_upper_sum(slack_out, n, u, eta))
+        if fused:
+            self.acc.add(-_upper_sum(slack_out, n, u, eta))
         self.floor(eta * zmax.double().flatten(1).sum(1) * _RELAXED)
-        lam = _unflatten_features(out, lam.shape, cl)
-        if producer.index in self.done:
-            return lam, None
-        return lam, m_relu
+        return _unflatten_features(out, lam.shape, cl), None if fused else m_relu
 
     def concretise(self, lam: Tensor, m: Optional[Tensor], box: Pair) -> Tensor:
         """(b, R): the lower bound of ``Λ x - Σ|Λ| m + c - s`` over the input box (float64)."""
