@@ -3,6 +3,9 @@
 // the CPU, cuDNN/cuBLAS on CUDA). Each backend fuses what comes after them in its own kernels.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <limits>
 
 #include "checks.h"
 
@@ -111,6 +114,30 @@ inline void check_sound_crown_relu_step(const at::Tensor& A, const at::Tensor& a
   per_feature(tau, "tau");
   if (m_in.has_value()) per_feature(*m_in, "m_in");
   if (m_out.has_value()) per_feature(*m_out, "m_out");
+}
+
+// A box (mu, rad) of the sound mode: float32 or float64 (its error model covers those two), (B, ...).
+inline void check_sound_pair(const at::Tensor& mu, const at::Tensor& rad, const char* op) {
+  check_pair(mu, rad);
+  TORCH_CHECK(mu.scalar_type() == at::kFloat || mu.scalar_type() == at::kDouble, op,
+              " computes in float32 or float64, got mu of dtype ", mu.scalar_type());
+  TORCH_CHECK(mu.dim() >= 1, op, " needs a batch dimension: mu must have shape (B, ...), got ", mu.sizes());
+}
+
+// In place, the pair must share a dense layout (row-major or channels-last) and not overlap.
+inline void check_sound_relu_inplace(const at::Tensor& mu, const at::Tensor& rad) {
+  check_sound_pair(mu, rad, "sound_relu_");
+  const bool dense = (mu.is_contiguous() && rad.is_contiguous()) || (is_channels_last(mu) && is_channels_last(rad));
+  TORCH_CHECK(dense, "sound_relu_ writes in place: mu and rad must both be row-major or both channels-last, got "
+              "strides ", mu.strides(), " and ", rad.strides());
+  TORCH_CHECK(at::get_overlap_status(mu, rad) == at::MemOverlapStatus::No,
+              "sound_relu_ writes in place: mu and rad must not share memory");
+}
+
+inline void check_sound_radius_operand(const at::Tensor& mu, const at::Tensor& rad, double c) {
+  check_sound_pair(mu, rad, "sound_radius_operand");
+  TORCH_CHECK(c >= 0 && c < std::numeric_limits<double>::infinity(),
+              "sound_radius_operand needs a finite error factor c >= 0, got ", c);
 }
 
 inline void check_affine(const at::Tensor& mu, const at::Tensor& rad, const at::Tensor& scale,

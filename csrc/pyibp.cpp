@@ -43,6 +43,12 @@ TORCH_LIBRARY(pyibp, m) {
   // and after the step; 0 when omitted), each over N terms of one sign, in the dtype's arithmetic.
   m.def("sound_crown_relu_step(Tensor A, Tensor alpha, Tensor sigma, Tensor tau, Tensor? m_in, "
         "Tensor? m_out) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The sound interval ReLU (csrc/math/sound.h), rounded outward, and per example (B,) whether
+  // every value of the input box is finite (an overflowed centre voids the example's bounds).
+  m.def("sound_relu(Tensor mu, Tensor rad) -> (Tensor, Tensor, Tensor)");
+  m.def("sound_relu_(Tensor(a!) mu, Tensor(b!) rad) -> Tensor");
+  // rad + c |mu|, the radius operand of a sound product (c rounded up into the dtype).
+  m.def("sound_radius_operand(Tensor mu, Tensor rad, float c) -> Tensor");
   // In-place PGD updates, projected onto the eps-ball around x and the domain [lower, upper].
   m.def("pgd_linf_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor alpha, "
         "float lower, float upper) -> ()");

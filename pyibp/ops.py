@@ -18,7 +18,7 @@ from . import _C  # noqa: F401  (loads the operator library)
 __all__ = [
     "input_box", "interval_linear", "interval_conv2d", "interval_relu", "interval_affine",
     "center_to_interval", "interval_to_center", "margin_elision", "relu_relaxation", "crown_relu_step",
-    "sound_crown_relu_step",
+    "sound_crown_relu_step", "sound_relu", "sound_relu_", "sound_radius_operand",
     "pgd_linf_step_", "pgd_l2_step_", "abs_weight",
 ]
 
@@ -534,6 +534,93 @@ def sound_crown_relu_step(A: Tensor, alpha: Tensor, sigma: Tensor, tau: Tensor, 
 def _(A, alpha, sigma, tau, m_in, m_out):
     rows = A.new_empty(A.shape[:2])
     return torch.empty_like(A.contiguous()), rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+def sound_relu(mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The sound interval ReLU, rounded outward, in one pass; and which examples are finite.
+
+    Where ``mu >= rad`` (the box is active: exactly ``mu - rad >= 0``) the box is kept; elsewhere
+    the image ``[0, max(mu + rad, 0)]`` is enclosed in ``[0, top]``: ``top`` is 0 where
+    ``fl(mu + rad) <= 0`` (then the exact sum is <= 0) and the float above ``fl(mu + rad)``
+    otherwise, returned as centre ``top / 2`` and radius ``max(top / 2, top - top / 2)`` (which
+    differ only where halving a subnormal rounds). Equivalent to::
+
+        s = (mu + rad).clamp(min=0)
+        top = torch.where(s > 0, torch.nextafter(s, inf), s)
+        half = top * 0.5
+        rest = top - half          # exact; NaN only where top is inf, and then the radius is inf
+        out = torch.where(mu >= rad, mu, half), torch.where(mu >= rad, rad, torch.where(half < rest, rest, half))
+        finite = (mu + rad).isfinite().flatten(1).all(1)
+
+    ``finite`` is False for an example with an infinite or NaN value, or whose ``mu + rad``
+    overflows: the caller voids its bounds. NaN stays NaN. No autograd: certificates only
+    (:mod:`pyibp.bounds.sound`).
+
+    Args:
+        mu, rad: (B, ...) float32 or float64, one shape.
+    Returns:
+        ``(mu', rad', finite)``: two tensors of the input's shape (its dense layout: row-major or
+        channels-last) and ``finite`` (B,) bool.
+
+    Example:
+        >>> sound_relu(torch.tensor([[1.0, -1.0, 0.5]]), torch.tensor([[0.5, 0.5, 1.5]]))
+        (tensor([[1.0000, 0.0000, 1.0000]]), tensor([[0.5000, 0.0000, 1.0000]]), tensor([True]))
+
+        (the last box: centre and radius the float above 1, so [0, 2 + 1 ulp] contains [0, 2])
+    """
+    return _ops.sound_relu.default(mu, rad)
+
+
+@torch.library.register_fake("pyibp::sound_relu")
+def _(mu, rad):
+    mu_out, rad_out = _fresh_pair(mu, rad)
+    return mu_out, rad_out, mu.new_empty(mu.shape[:1], dtype=torch.bool)
+
+
+def sound_relu_(mu: Tensor, rad: Tensor) -> Tensor:
+    """:func:`sound_relu` in place, for a box nothing else reads (a product's fresh outputs): no new
+    memory. ``mu`` and ``rad`` must both be row-major or both channels-last, and not overlap.
+
+    Returns:
+        ``finite`` (B,) bool; ``mu`` and ``rad`` hold the ReLU's box.
+
+    Example:
+        >>> mu, rad = torch.tensor([[1.0, -1.0]]), torch.tensor([[0.5, 0.5]])
+        >>> sound_relu_(mu, rad), mu, rad
+        (tensor([True]), tensor([[1., 0.]]), tensor([[0.5000, 0.0000]]))
+    """
+    finite = _ops.sound_relu_.default(mu, rad)
+    _bump_version(mu)
+    _bump_version(rad)
+    return finite
+
+
+@torch.library.register_fake("pyibp::sound_relu_")
+def _(mu, rad):
+    return mu.new_empty(mu.shape[:1], dtype=torch.bool)
+
+
+def sound_radius_operand(mu: Tensor, rad: Tensor, c: float) -> Tensor:
+    """``rad + c |mu|`` in one pass, ``c`` rounded up into the dtype: the radius operand of a sound
+    product, which carries the centre product's rounding error into the radius product.
+
+    Equivalent to ``rad + c_up * mu.abs()`` with ``c_up`` the smallest value of the dtype >= c.
+
+    Args:
+        mu, rad: (B, ...) float32 or float64, one shape.  c: a finite float >= 0.
+    Returns:
+        (B, ...) in the dense layout of the inputs.
+
+    Example:
+        >>> sound_radius_operand(torch.tensor([[-2.0, 1.0]]), torch.tensor([[0.5, 0.0]]), 0.25)
+        tensor([[1.0000, 0.2500]])
+    """
+    return _ops.sound_radius_operand.default(mu, rad, c)
+
+
+@torch.library.register_fake("pyibp::sound_radius_operand")
+def _(mu, rad, c):
+    return _fresh_pair(mu, rad)[1]
 
 
 # ---------------------------------------------------------------------------------------------

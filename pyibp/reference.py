@@ -103,6 +103,24 @@ def sound_crown_relu_step_ref(A: Tensor, alpha: Tensor, sigma: Tensor, tau: Tens
     return out, shift, slack_in, slack_out
 
 
+def sound_relu_ref(mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    s = (mu + rad).clamp(min=0)
+    top = torch.where(s > 0, torch.nextafter(s, s.new_tensor(float("inf"))), s)
+    half = top * 0.5
+    active = mu >= rad
+    finite = (mu + rad).isfinite().flatten(1).all(1) if mu.dim() > 1 else (mu + rad).isfinite()
+    rest = top - half
+    return torch.where(active, mu, half), torch.where(active, rad, torch.where(half < rest, rest, half)), finite
+
+
+def sound_radius_operand_ref(mu: Tensor, rad: Tensor, c: float) -> Tensor:
+    exact = torch.tensor(c, dtype=torch.float64)
+    c_up = exact.to(mu.dtype)
+    if c_up.double() < exact:
+        c_up = torch.nextafter(c_up, c_up.new_tensor(float("inf")))
+    return rad + c_up.to(mu.device) * mu.abs()
+
+
 def pgd_linf_step_ref(delta: Tensor, grad: Tensor, x: Tensor, eps: Tensor, alpha: Tensor,
                       lower: float, upper: float) -> Tensor:
     e, a = _per_example(eps.to(x.dtype), x), _per_example(alpha.to(x.dtype), x)

@@ -1,6 +1,7 @@
 """Every operator three ways: against its plain-PyTorch twin (devices × dtypes, non-contiguous,
 channels_last and empty inputs), float64 gradcheck of its backward, and torch.library.opcheck."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -118,6 +119,116 @@ def test_sound_crown_relu_step_refuses_bad_arguments():
         ops.sound_crown_relu_step(A, alpha, sigma[:, :3], tau)
     with pytest.raises(RuntimeError, match="m_out must have A's dtype"):
         ops.sound_crown_relu_step(A, alpha, sigma, tau, m_in, m_out.double())
+
+
+def _sound_boxes(dtype, device, layout="contiguous"):
+    """Boxes (B, C, H, W) of random values and, in the last example, the values that break naive
+    formulas: NaN, ±inf, ±0, subnormals (odd multiples of the smallest, whose half rounds), the
+    largest float (whose mu + rad overflows) and boxes that are exactly active or touch 0."""
+    torch.manual_seed(0)
+    mu, rad = torch.randn(4, 3, 5, 6, dtype=dtype), torch.rand(4, 3, 5, 6, dtype=dtype)
+    info = torch.finfo(dtype)
+    tiny = info.smallest_normal
+    eta = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))
+    specials = [(float("nan"), 1.0), (1.0, float("nan")), (float("inf"), 1.0), (-float("inf"), 1.0),
+                (1.0, float("inf")), (0.0, 0.0), (-0.0, 0.0), (float(eta), 0.0), (0.0, float(eta)),
+                (float(3 * eta), 0.0), (-float(eta), float(3 * eta)), (info.max, info.max), (info.max, 0.0),
+                (2.0, 2.0), (-2.0, 2.0), (float(tiny), float(tiny)), (-1.0, 0.5), (0.25, 1.0)]
+    flat_mu, flat_rad = mu[-1].view(-1), rad[-1].view(-1)
+    for k, (m, r) in enumerate(specials):
+        flat_mu[k], flat_rad[k] = m, r
+    mu[1].view(-1)[0] = float("inf")          # one more example whose flag is False
+    mu, rad = mu.to(device), rad.to(device)
+    if layout == "channels_last":
+        mu, rad = (t.contiguous(memory_format=torch.channels_last) for t in (mu, rad))
+    elif layout == "strided":
+        mu, rad = noncontiguous(mu), noncontiguous(rad)
+    elif layout == "empty":
+        mu, rad = mu[:0], rad[:0]
+    return mu, rad
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "empty"])
+def test_sound_relu_matches_reference_bit_for_bit(device, dtype, layout):
+    mu, rad = _sound_boxes(dtype, device, layout)
+    out_mu, out_rad, finite = ops.sound_relu(mu, rad)
+    exp_mu, exp_rad, exp_finite = reference.sound_relu_ref(mu, rad)
+    torch.testing.assert_close(out_mu, exp_mu, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out_rad, exp_rad, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(finite, exp_finite)
+    if layout != "empty":
+        assert finite.tolist() == [True, False, True, False]
+    if layout == "channels_last":
+        assert out_mu.is_contiguous(memory_format=torch.channels_last)
+    # in place: the same values, written into the inputs
+    mu2, rad2 = (t.clone(memory_format=torch.preserve_format).contiguous() if layout == "strided" else t.clone()
+                 for t in (mu, rad))
+    assert torch.equal(ops.sound_relu_(mu2, rad2), finite)
+    torch.testing.assert_close(mu2, exp_mu, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(rad2, exp_rad, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sound_relu_encloses_the_exact_image(device, dtype):
+    """[mu' - rad', mu' + rad'] contains [relu(mu - rad), relu(mu + rad)], both evaluated exactly
+    (as Fractions) — for subnormals, values one ulp apart, exact zeros and large magnitudes; and
+    no NaN becomes a finite box."""
+    from fractions import Fraction
+    mu, rad = _sound_boxes(dtype, device)
+    torch.manual_seed(1)
+    eta = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
+    k = torch.randint(-40, 40, (2, 500), dtype=dtype)
+    extra_mu = torch.cat([k[0] * eta, torch.randn(500, dtype=dtype) * 1e30])
+    extra_rad = torch.cat([k[1].abs() * eta, torch.nextafter(extra_mu[500:].abs(), torch.tensor(0, dtype=dtype))])
+    mu = torch.cat([mu.flatten(), extra_mu.to(device)])[None]
+    rad = torch.cat([rad.flatten(), extra_rad.to(device)])[None]
+    out_mu, out_rad, _ = ops.sound_relu(mu, rad)
+    for m, r, om, orad in zip(*(t.flatten().tolist() for t in (mu, rad, out_mu, out_rad))):
+        if m != m or r != r:
+            assert om != om or orad != orad, (m, r, om, orad)
+            continue
+        if not all(math.isfinite(v) for v in (m, r, m + r)):
+            continue        # its example's flag is False: the caller voids it
+        fm, fr, fom, forad = (Fraction(v) for v in (m, r, om, orad))
+        low, high = max(fm - fr, Fraction(0)), max(fm + fr, Fraction(0))
+        assert fom - forad <= low and high <= fom + forad, (m, r, om, orad)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sound_radius_operand_rounds_its_factor_up(device, dtype):
+    mu, rad = _sound_boxes(dtype, device)
+    for c in (0.0, 0.1, 2.0 ** -20, 1 / 3):
+        out = ops.sound_radius_operand(mu, rad, c)
+        torch.testing.assert_close(out, reference.sound_radius_operand_ref(mu, rad, c), rtol=0, atol=0,
+                                   equal_nan=True)
+    # the factor the kernel used is c rounded up into the dtype: |mu| = 1, rad = 0 reads it back
+    from pyibp.bounds.sound import ceil_to
+    one = torch.ones(1, 1, dtype=dtype, device=device)
+    c_up = ceil_to(torch.tensor(0.1, dtype=torch.float64), dtype)
+    assert float(c_up) >= 0.1 and float(ops.sound_radius_operand(one, one * 0, 0.1)) == float(c_up)
+
+
+def test_sound_relu_and_operand_refuse_bad_arguments():
+    mu, rad = torch.randn(2, 3), torch.rand(2, 3)
+    with pytest.raises(RuntimeError, match="sound_relu computes in float32 or float64, got mu of dtype Half"):
+        ops.sound_relu(mu.half(), rad.half())
+    with pytest.raises(RuntimeError, match=r"needs a batch dimension: mu must have shape \(B, \.\.\.\), got \[\]"):
+        ops.sound_relu(mu[0, 0], rad[0, 0])
+    with pytest.raises(RuntimeError, match="must both be row-major or both channels-last, got strides"):
+        ops.sound_relu_(mu.t(), rad.t().contiguous())
+    buf = torch.rand(2, 6)
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        ops.sound_relu_(buf, buf)
+    with pytest.raises(RuntimeError, match="finite error factor c >= 0, got -1"):
+        ops.sound_radius_operand(mu, rad, -1.0)
+    with pytest.raises(RuntimeError, match="finite error factor c >= 0, got inf"):
+        ops.sound_radius_operand(mu, rad, float("inf"))
+    with pytest.raises(RuntimeError, match="sound_radius_operand computes in float32 or float64"):
+        ops.sound_radius_operand(mu.bfloat16(), rad.bfloat16(), 0.5)
 
 
 @pytest.mark.parametrize("device", devices)
@@ -337,6 +448,11 @@ def test_opcheck_all_operators(device, layout):
     _opcheck(torch.ops.pyibp.crown_relu_step.default, (A, flat_mu, flat_rad))
     _opcheck(torch.ops.pyibp.sound_crown_relu_step.default,
              tuple(_laid_out(t, layout) for t in _sound_relu_inputs(3, 2, 100, torch.float32, device)))
+    plain_mu, plain_rad = mu.detach(), rad.detach()
+    _opcheck(torch.ops.pyibp.sound_relu.default, (plain_mu, plain_rad))
+    _opcheck(torch.ops.pyibp.sound_radius_operand.default, (plain_mu, plain_rad, 0.1))
+    if layout != "strided":     # in place needs a dense layout
+        _opcheck(torch.ops.pyibp.sound_relu_.default, (plain_mu.clone(), plain_rad.clone()))
     _opcheck(torch.ops.pyibp.crown_relu_step_backward.default,
              (L(torch.randn(3, 2, 100, **kw)), torch.randn(3, 2, **kw), A.detach(), flat_mu.detach(),
               flat_rad.detach()))

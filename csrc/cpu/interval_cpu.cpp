@@ -16,6 +16,7 @@
 #include "math/box.h"
 #include "math/elision.h"
 #include "math/relaxation.h"
+#include "math/sound.h"
 
 namespace pyibp {
 namespace {
@@ -466,6 +467,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sound_crown_relu_step
   return {out, sums[0], sums[1], sums[2]};
 }
 
+// One element of the sound ReLU: stores the box, returns 1 where mu + rad is not finite (an infinite or
+// NaN input, or an overflow: the caller voids that example's bounds).
+template <typename T, typename I = typename SameSizeInt<T>::type>
+inline I sound_relu_element(T m, T r, T* mo, T* ro) {
+  const Box<T> b = sound_relu_box_at(m, r);
+  *mo = b.first;
+  *ro = b.second;
+  return I(!finite_at(m + r));  // the sum sound_relu_box_at formed
+}
+
+// One example's run, out of place or in place (then in == out: restrict holds per pointer pair).
+// An integer flag of the element's width vectorises; a bool does not.
+template <typename T>
+bool sound_relu_run(const T* __restrict__ m, const T* __restrict__ r, T* __restrict__ mo, T* __restrict__ ro,
+                    int64_t n) {
+  typename SameSizeInt<T>::type bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= sound_relu_element(m[i], r[i], mo + i, ro + i);
+  return !bad;
+}
+
+template <typename T>
+bool sound_relu_run_inplace(T* __restrict__ m, T* __restrict__ r, int64_t n) {
+  typename SameSizeInt<T>::type bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= sound_relu_element(m[i], r[i], m + i, r + i);
+  return !bad;
+}
+
+// Parallel over examples, each example's elements one contiguous run (row-major or channels-last).
+// mu/rad and mu_out/rad_out may be the same tensors (the in-place op).
+at::Tensor sound_relu_into(const at::Tensor& mu, const at::Tensor& rad, at::Tensor& mu_out, at::Tensor& rad_out) {
+  const int64_t batch = mu.size(0), per = batch ? mu.numel() / batch : 0;
+  at::Tensor finite = at::ones({batch}, mu.options().dtype(at::kBool));
+  if (per == 0) return finite;
+  const bool inplace = mu.data_ptr() == mu_out.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_sound_relu_cpu", [&] {
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* r = rad.data_ptr<scalar_t>();
+    scalar_t* mo = mu_out.data_ptr<scalar_t>();
+    scalar_t* ro = rad_out.data_ptr<scalar_t>();
+    bool* ok = finite.data_ptr<bool>();
+    at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / per), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t at = b * per;
+        ok[b] = inplace ? sound_relu_run_inplace(mo + at, ro + at, per)
+                        : sound_relu_run(m + at, r + at, mo + at, ro + at, per);
+      }
+    });
+  });
+  return finite;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sound_relu_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in) {
+  check_sound_pair(mu_in, rad_in, "sound_relu");
+  auto [mu, rad] = same_dense_layout(mu_in, rad_in);
+  at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
+  at::Tensor finite = sound_relu_into(mu, rad, mu_out, rad_out);
+  return {mu_out, rad_out, finite};
+}
+
+at::Tensor sound_relu_inplace_cpu(at::Tensor& mu, at::Tensor& rad) {
+  check_sound_relu_inplace(mu, rad);
+  return sound_relu_into(mu, rad, mu, rad);
+}
+
+template <typename T>
+void sound_operand_loop(const T* __restrict__ m, const T* __restrict__ r, T* __restrict__ out, T c, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = sound_operand_at(m[i], r[i], c);
+}
+
+at::Tensor sound_radius_operand_cpu(const at::Tensor& mu_in, const at::Tensor& rad_in, double c) {
+  check_sound_radius_operand(mu_in, rad_in, c);
+  auto [mu, rad] = same_dense_layout(mu_in, rad_in);
+  at::Tensor out = at::empty_like(rad);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_sound_radius_operand_cpu", [&] {
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* r = rad.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t ct = round_up_to<scalar_t>(c);
+    at::parallel_for(0, mu.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      sound_operand_loop(m + begin, r + begin, o + begin, ct, end - begin);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyibp, CPU, m) {
@@ -482,6 +568,9 @@ TORCH_LIBRARY_IMPL(pyibp, CPU, m) {
   m.impl("crown_relu_step", &crown_relu_step_cpu);
   m.impl("crown_relu_step_backward", &crown_relu_step_backward_cpu);
   m.impl("sound_crown_relu_step", &sound_crown_relu_step_cpu);
+  m.impl("sound_relu", &sound_relu_cpu);
+  m.impl("sound_relu_", &sound_relu_inplace_cpu);
+  m.impl("sound_radius_operand", &sound_radius_operand_cpu);
 }
 
 }  // namespace pyibp

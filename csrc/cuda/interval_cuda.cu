@@ -12,6 +12,7 @@
 #include "math/box.h"
 #include "math/elision.h"
 #include "math/relaxation.h"
+#include "math/sound.h"
 
 namespace pyibp {
 namespace {
@@ -418,6 +419,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sound_crown_relu_step
   return {out, shift, slack_in, slack_out};
 }
 
+// A thread whose mu + rad is not finite clears its example's flag; every such thread stores the same
+// value, so the stores need no atomics. mu/rad and mu_out/rad_out may be the same tensors (in place).
+at::Tensor sound_relu_into(const at::Tensor& mu, const at::Tensor& rad, at::Tensor& mu_out, at::Tensor& rad_out) {
+  const int64_t batch = mu.size(0), n = mu.numel();
+  at::Tensor finite = at::ones({batch}, mu.options().dtype(at::kBool));
+  if (n == 0) return finite;
+  const IndexDivider example = index_divider(n / batch, n);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_sound_relu_cuda", [&] {
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* r = rad.data_ptr<scalar_t>();
+    scalar_t* mo = mu_out.data_ptr<scalar_t>();
+    scalar_t* ro = rad_out.data_ptr<scalar_t>();
+    bool* ok = finite.data_ptr<bool>();
+    launch_pointwise(n, [=] __device__(int64_t i) {
+      const scalar_t mi = m[i], ri = r[i];
+      const Box<scalar_t> b = sound_relu_box_at(mi, ri);
+      mo[i] = b.first;
+      ro[i] = b.second;
+      if (!finite_at(mi + ri)) ok[example.div(i)] = false;
+    });
+  });
+  return finite;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sound_relu_cuda(const at::Tensor& mu_in, const at::Tensor& rad_in) {
+  check_sound_pair(mu_in, rad_in, "sound_relu");
+  const at::cuda::OptionalCUDAGuard guard(mu_in.device());
+  auto [mu, rad] = same_dense_layout(mu_in, rad_in);
+  at::Tensor mu_out = at::empty_like(mu), rad_out = at::empty_like(rad);
+  at::Tensor finite = sound_relu_into(mu, rad, mu_out, rad_out);
+  return {mu_out, rad_out, finite};
+}
+
+at::Tensor sound_relu_inplace_cuda(at::Tensor& mu, at::Tensor& rad) {
+  check_sound_relu_inplace(mu, rad);
+  const at::cuda::OptionalCUDAGuard guard(mu.device());
+  return sound_relu_into(mu, rad, mu, rad);
+}
+
+at::Tensor sound_radius_operand_cuda(const at::Tensor& mu_in, const at::Tensor& rad_in, double c) {
+  check_sound_radius_operand(mu_in, rad_in, c);
+  const at::cuda::OptionalCUDAGuard guard(mu_in.device());
+  auto [mu, rad] = same_dense_layout(mu_in, rad_in);
+  at::Tensor out = at::empty_like(rad);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pyibp_sound_radius_operand_cuda", [&] {
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* r = rad.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t ct = round_up_to<scalar_t>(c);
+    launch_pointwise(mu.numel(), [=] __device__(int64_t i) { o[i] = sound_operand_at(m[i], r[i], ct); });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyibp, CUDA, m) {
@@ -434,6 +489,9 @@ TORCH_LIBRARY_IMPL(pyibp, CUDA, m) {
   m.impl("crown_relu_step", &crown_relu_step_cuda);
   m.impl("crown_relu_step_backward", &crown_relu_step_backward_cuda);
   m.impl("sound_crown_relu_step", &sound_crown_relu_step_cuda);
+  m.impl("sound_relu", &sound_relu_cuda);
+  m.impl("sound_relu_", &sound_relu_inplace_cuda);
+  m.impl("sound_radius_operand", &sound_radius_operand_cuda);
 }
 
 }  // namespace pyibp

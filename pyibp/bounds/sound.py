@@ -24,7 +24,10 @@ the radius and the rounding error of both products in one product. Every element
 (ReLU, BatchNorm/Normalize, constants, sums of boxes, pooling, the margin specification
 ``W_y - W_j``) rounds its radius up with ``nextafter`` or with constants scaled to cover it.
 BatchNorm and Normalize maps are computed in float64 with an error bound, then enclosed in the
-compute dtype.
+compute dtype. The ReLU and the radius operand ``v`` are single fused C++/CUDA passes
+(:func:`pyibp.ops.sound_relu`, :func:`pyibp.ops.sound_radius_operand`, their per-element math in
+``csrc/math/sound.h``); a ReLU after a Linear/Conv runs in place on the product's fresh outputs
+(a fresh output of that size costs more in page faults than the ReLU's arithmetic).
 
 The products must be computed by an algorithm the model covers: sums of products, as GEMM and
 direct or im2col convolution do. Winograd and FFT convolutions (NNPACK on the CPU, cuDNN on CUDA)
@@ -48,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..nn import Normalize
 from .graph import _BATCH_STATISTICS, BoundGraph, Node, affine_scale_shift
 
@@ -150,6 +154,13 @@ def sound_arithmetic(device_type: str) -> Iterator[None]:
             torch.set_flush_denormal(True)
 
 
+def _same_dense_layout(a: Tensor, b: Tensor) -> bool:
+    """Both row-major, or both channels-last: what :func:`pyibp.ops.sound_relu_` writes in place."""
+    last = torch.channels_last
+    return (a.is_contiguous() and b.is_contiguous()) or (
+        a.dim() == 4 and a.is_contiguous(memory_format=last) and b.is_contiguous(memory_format=last))
+
+
 def _channel(t: Tensor, ndim: int) -> Tensor:
     return t.reshape((1, -1) + (1,) * (ndim - 2)) if ndim > 1 else t
 
@@ -167,8 +178,10 @@ class SoundBackend:
 
     def _track(self, mu: Tensor) -> None:
         # a sum over each example is finite iff every term is (or it overflowed: trivial, still sound)
-        ok = torch.isfinite(mu.flatten(1).sum(1))
-        self.ok = ok if self.ok is None else self.ok & ok
+        self._mark(torch.isfinite(mu.flatten(1).sum(1)))
+
+    def _mark(self, finite: Tensor) -> None:
+        self.ok = finite if self.ok is None else self.ok & finite
 
     # -- the input box, conversions ------------------------------------------------------------
     def start(self, x: Tensor, eps: Tensor, lower: Any, upper: Any) -> Pair:
@@ -190,9 +203,10 @@ class SoundBackend:
 
     # -- products --------------------------------------------------------------------------------
     def _product(self, s: Pair, op: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor], weight: Tensor,
-                 bias: Optional[Tensor], fan_in: int, out_shape: Tuple[int, ...], rad_scale: float = 1.0,
-                 extra: float = 0.0) -> Pair:
-        """``op(z, W, b)``, linear in z and in W, with at most ``fan_in`` products per output, over the box.
+                 bias: Optional[Tensor], fan_in: int, out_shape: Tuple[int, ...], relu: bool = False,
+                 rad_scale: float = 1.0, extra: float = 0.0) -> Pair:
+        """``op(z, W, b)``, linear in z and in W, with at most ``fan_in`` products per output, over the
+        box; then the ReLU when ``relu``.
 
         ``rad_scale``, ``extra``: the specification's own rounding (:meth:`margins`): the exact weights
         are within ``extra |W|`` of ``W`` and ``|W_exact| <= rad_scale |W|``.
@@ -203,8 +217,7 @@ class SoundBackend:
         n = fan_in + 1
         g = gamma(n, u) + extra
         centre = op(mu, weight, bias)
-        self._track(centre)
-        v = mu.abs().mul_(_up_scalar(g / (1 - u) * _SLACK, dtype)).add_(rad)
+        v = ops.sound_radius_operand(mu, rad, g / (1 - u) * _SLACK)
         scale = _up_scalar(rad_scale / ((1 - u) * (1 - gamma(n, u))) * _SLACK, dtype)
         abs_w = _up(weight.abs() * scale)
         max_w = float(weight.abs().max()) if weight.numel() else 0.0
@@ -213,17 +226,22 @@ class SoundBackend:
             t = torch.full(out_shape, _up_scalar(floor, dtype), dtype=dtype, device=mu.device)
         else:
             t = ceil_to((bias.detach().double().abs() * (g * _SLACK) + floor) / (1 - gamma(n, u)) * _SLACK, dtype)
-        return centre, op(v, abs_w, t)
+        radius = op(v, abs_w, t)
+        if not relu:
+            self._track(centre)
+            return centre, radius
+        if _same_dense_layout(centre, radius):     # fresh outputs: the ReLU runs in place
+            self._mark(ops.sound_relu_(centre, radius))
+            return centre, radius
+        return self.relu((centre, radius))
 
     def linear(self, s: Pair, weight: Tensor, bias: Optional[Tensor], relu: bool) -> Pair:
-        out = self._product(s, F.linear, weight, bias, weight.shape[1], (weight.shape[0],))
-        return self.relu(out) if relu else out
+        return self._product(s, F.linear, weight, bias, weight.shape[1], (weight.shape[0],), relu)
 
     def conv2d(self, s: Pair, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups,
                relu: bool) -> Pair:
         op = lambda z, w, b: F.conv2d(z, w, b, stride, padding, dilation, groups)  # noqa: E731
-        out = self._product(s, op, weight, bias, weight[0].numel(), (weight.shape[0],))
-        return self.relu(out) if relu else out
+        return self._product(s, op, weight, bias, weight[0].numel(), (weight.shape[0],), relu)
 
     def margins(self, s: Pair, weight: Tensor, bias: Optional[Tensor], labels: Tensor) -> Tensor:
         """Lower bounds of ``logit_y - logit_j`` through the last Linear, the specification folded in.
@@ -236,7 +254,7 @@ class SoundBackend:
         d = None if bias is None else bias[labels][:, None] - bias[None]        # (B, K)
         bmm = lambda z, w, b: (w @ z[..., None])[..., 0] + (0 if b is None else b)  # noqa: E731
         # the exact C, d are within u |fl(C)|, u |fl(d)| of the computed ones: extra = u, |C| <= (1 + u) |fl(C)|
-        centre, rad = self._product(s, bmm, spec, d, spec.shape[2], spec.shape[:2], 1 + u, u)
+        centre, rad = self._product(s, bmm, spec, d, spec.shape[2], spec.shape[:2], False, 1 + u, u)
         lower = _down(centre - rad)
         if self.ok is not None:
             lower = lower.masked_fill(~self.ok[:, None], -math.inf)
@@ -244,12 +262,11 @@ class SoundBackend:
 
     # -- elementwise ---------------------------------------------------------------------------
     def relu(self, s: Pair) -> Pair:
-        mu, rad = s
-        active = mu >= rad                          # exact: mu - rad >= 0
-        # dead or crossing: [0, max(mu + rad, 0)] as centre c and radius >= c (also for subnormal halves)
-        c = _up(mu + rad).clamp_(min=0).mul_(0.5)
-        r = torch.nextafter(c, c.new_tensor(math.inf))
-        return torch.where(active, mu, c, out=c), torch.where(active, rad, r, out=r)
+        """:func:`pyibp.ops.sound_relu`: active boxes kept, the others enclosed in ``[0, top]``, top the
+        float above ``fl(mu + rad)``; an example with a non-finite input is marked."""
+        mu, rad, finite = ops.sound_relu(*s)
+        self._mark(finite)
+        return mu, rad
 
     def affine_map(self, node: Node, dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """BatchNorm/Normalize as an exact ``x * S + T``, enclosed: ``(S64, T64, |S - S64|, |T - T64|)``
@@ -321,7 +338,7 @@ class SoundBackend:
         n = self._terms(fn, mu)
         g = gamma(n + 1, u)
         centre = fn(mu)
-        v = mu.abs().mul_(_up_scalar(g / (1 - u) * _SLACK, dtype)).add_(rad)
+        v = ops.sound_radius_operand(mu, rad, g / (1 - u) * _SLACK)
         scale = _up_scalar(1 / ((1 - u) * (1 - g)) * _SLACK, dtype)
         return centre, _up(_up(fn(v) * scale) + _up_scalar((3 * n + 5) * eta, dtype))
 
