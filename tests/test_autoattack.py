@@ -306,7 +306,7 @@ def test_no_certified_example_is_broken(trained):
         margins = pyibp.margin_bounds(model, x, y, eps, method=method)
         certified |= margins.scatter(1, y[:, None], math.inf).amin(1) > 0
     assert certified.sum() >= 20    # the check has examples to check
-    result = autoattack(model, x, y, eps, steps=25, n_queries=300)
+    result = autoattack(model, x, y, eps, steps=25, n_queries=300, skip_verified=False)
     assert not (certified & ~result.robust).any()
     assert result.robust_error > result.clean_error      # and the cascade breaks uncertified ones
     assert_contract(result.delta, x, eps, "linf", 0.0, 1.0)
@@ -316,3 +316,37 @@ def test_no_certified_example_is_broken(trained):
         with torch.no_grad():
             wrong = model(x + ATTACKS[name](model, x, y, eps, "linf")).argmax(1) != y
         assert not (certified & wrong).any(), name
+
+
+def test_examples_the_sound_bounds_verify_are_not_attacked(trained):
+    """skip_verified (the default): what sound IBP / CROWN-IBP certify is robust without an attack,
+    every other correctly classified example goes through the whole cascade."""
+    models, x, y = trained
+    model, eps = models["ibp"], 0.1
+    sound = torch.zeros_like(y, dtype=torch.bool)
+    for method in ("ibp", "crown-ibp"):
+        margins = pyibp.margin_bounds(model, x, y, eps, method=method, sound=True)
+        sound |= margins.scatter(1, y[:, None], math.inf).amin(1) > 0
+    result = autoattack(model, x, y, eps, steps=25, n_queries=300)
+    assert result.verification == "sound ibp + crown-ibp"
+    assert torch.equal(result.verified, sound) and sound.sum() >= 20
+    assert result.robust[sound].all() and (result.delta[sound] == 0).all()
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    assert result.attacks[0].attacked == int((correct & ~sound).sum())
+    report = result.report()
+    assert report["verified"] == int(sound.sum()) and report["verification_seconds"] >= 0
+    full = autoattack(model, x, y, eps, steps=25, n_queries=300, skip_verified=False)
+    assert full.verified.sum() == 0 and full.verification == "off"
+    assert abs(full.robust_error - result.robust_error) <= 2 / len(y)   # the same up to the random draws
+
+
+def test_models_the_bounds_refuse_are_attacked_in_full():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10)).eval()
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1)            # all correct: all to verify
+    result = autoattack(model, x, y, 0.05, attacks=("apgd-ce",), steps=3)
+    assert result.verification.startswith("skipped: sound=True cannot bound") and "Tanh" in result.verification
+    assert result.verified.sum() == 0
+    assert result.attacks[0].attacked == 6
