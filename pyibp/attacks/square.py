@@ -4,7 +4,8 @@ random search that needs no gradients, as AutoAttack runs it (margin loss, ``p_i
 
 l∞: start from vertical stripes ``±eps``; each query sets one square window (one window and one
 sign per channel, shared by the batch, as in the original) to ``±eps`` and keeps it where the
-margin loss drops or the example becomes misclassified. l2: start from a grid of
+margin loss drops or the example becomes misclassified (a convolutional ``nn.Sequential`` then
+recomputes only the activations the window reaches: :mod:`pyibp.attacks.windowed`). l2: start from a grid of
 "eta" bumps scaled onto the sphere of radius eps; each query moves the mass of one window into
 another, on the sphere. Examples leave the batch once misclassified.
 """
@@ -18,7 +19,8 @@ from torch import Tensor, nn
 
 from ..distributed import unwrap
 from .common import (NORMS, Bound, Domain, Eps, Evaluator, _check_choice, attack_loss, check_count, check_inputs,
-                     per_example_view, project_, take, untouched)
+                     check_logits, per_example_view, project_, take, untouched)
+from .windowed import Region, WindowedForward
 
 __all__ = ["square"]
 
@@ -101,17 +103,26 @@ def _start(x: Tensor, e: Tensor, norm: str, rand: _Random) -> Tensor:
     return _on_sphere(delta, e)
 
 
-def _candidate(delta: Tensor, e: Tensor, norm: str, query: int, p_init: float, rand: _Random) -> Tensor:
-    """The next candidate of every example from its best delta (a new tensor)."""
+def _linf_window(shape: Tuple[int, ...], query: int, p_init: float, rand: _Random) -> Tuple[Region, Tensor]:
+    """The window of an l∞ query and its signs per channel (C, 1, 1)."""
+    c, h, w = shape[1:]
+    s = max(int(round(math.sqrt(square_fraction(query, p_init) * h * w))), 1)
+    top, left = rand.below(h - s), rand.below(w - s)
+    return (top, top + s, left, left + s), rand.signs(c, 1, 1)
+
+
+def _candidate(delta: Tensor, e: Tensor, norm: str, query: int, p_init: float, rand: _Random
+               ) -> Tuple[Tensor, Optional[Region]]:
+    """The next candidate of every example from its best delta (a new tensor), and for l∞ the
+    window it changed (l2 rescales the whole delta: None)."""
     n, c, h, w = delta.shape
-    p = square_fraction(query, p_init)
-    size = int(round(math.sqrt(p * h * w)))
     new = delta.clone()
     if norm == "linf":
-        s = max(size, 1)
-        top, left = rand.below(h - s), rand.below(w - s)
-        new[:, :, top:top + s, left:left + s] = e * rand.signs(c, 1, 1)
-        return new
+        (r0, r1, c0, c1), signs = _linf_window(delta.shape, query, p_init, rand)
+        new[:, :, r0:r1, c0:c1] = e * signs
+        return new, (r0, r1, c0, c1)
+    p = square_fraction(query, p_init)
+    size = int(round(math.sqrt(p * h * w)))
     s = max(size, 3)
     s += 1 - s % 2                      # odd, so the bump has a centre
     top, left = rand.below(h - s), rand.below(w - s)
@@ -129,7 +140,7 @@ def _candidate(delta: Tensor, e: Tensor, norm: str, query: int, p_init: float, r
     bump = bump / (1e-12 + bump.square().sum(dim=(-2, -1), keepdim=True).sqrt()) * budget
     new[window2] = 0.0
     new[window] = bump
-    return _on_sphere(new, e)
+    return _on_sphere(new, e), None
 
 
 def run_square(ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain, *, norm: str, n_queries: int,
@@ -137,30 +148,54 @@ def run_square(ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain,
     """Square on checked inputs (B, C, H, W). Returns ``(delta, fooled)``."""
     rand = _Random(x, generator)
     e = per_example_view(eps.to(x.dtype), x)
+    # l∞ queries change one window: a convolutional model recomputes only what it reaches
+    windowed = WindowedForward.of(ev.model, ev.dtype) if norm == "linf" and ev.eot == 1 else None
 
-    def margin_and_loss(rows: Tensor, delta: Tensor) -> Tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            logits = ev.logits(x[rows] + delta, y[rows])
+    def margin_and_loss(rows: Tensor, logits: Tensor) -> Tuple[Tensor, Tensor]:
         margin = -attack_loss(logits, y[rows], "margin")
         return margin, (margin if loss == "margin" else -attack_loss(logits, y[rows], "ce"))
 
     everyone = torch.arange(x.shape[0], device=x.device)
     best = project_(_start(x, e, norm, rand), x, eps, domain, norm)
-    margin, value = margin_and_loss(everyone, best)
+    with torch.no_grad():
+        if windowed is not None:
+            logits, cache = windowed.start(x + best)
+            check_logits(logits, y)
+        else:
+            logits = ev.logits(x + best, y)
+    margin, value = margin_and_loss(everyone, logits)
     for query in range(n_queries):
         todo = (margin > 0).nonzero()[:, 0]
         if todo.numel() == 0:
             tick(n_queries - query)
             break
         e_todo = e if e.dim() == 0 else e[todo]
-        new = _candidate(best[todo], e_todo, norm, query, p_init, rand)
-        project_(new, x[todo], take(eps, todo), domain.take(todo), norm)
-        m, v = margin_and_loss(todo, new)
+        with torch.no_grad():
+            if windowed is not None:      # only the window: its candidate values, projected, and their logits
+                window, signs = _linf_window(x.shape, query, p_init, rand)
+                r0, r1, c0, c1 = window
+                rows = slice(None) if todo.numel() == x.shape[0] else todo    # a view while nobody is fooled
+                xw = x[rows, :, r0:r1, c0:c1]
+                new = (e_todo * signs).expand(xw.shape).contiguous()
+                pick = lambda t: t if t.dim() == 0 else t[rows, :, r0:r1, c0:c1]  # noqa: E731
+                project_(new, xw, take(eps, todo), Domain(pick(domain.lower), pick(domain.upper), domain.floats), norm)
+                logits, patches = windowed.query(cache, todo, xw + new, window)
+            else:
+                new, window = _candidate(best[todo], e_todo, norm, query, p_init, rand)
+                project_(new, x[todo], take(eps, todo), domain.take(todo), norm)
+                logits = ev.logits(x[todo] + new, y[todo])
+        m, v = margin_and_loss(todo, logits)
         improved = v < value[todo]
         value[todo] = torch.where(improved, v, value[todo])
         improved |= m <= 0
         margin[todo] = torch.where(improved, m, margin[todo])
-        best[todo[improved]] = new[improved]
+        if windowed is not None:
+            if bool(improved.any()):
+                r0, r1, c0, c1 = window
+                best[todo[improved], :, r0:r1, c0:c1] = new[improved]
+                windowed.commit(cache, todo, improved, patches)
+        else:
+            best[todo[improved]] = new[improved]
         tick(1)
     return best, margin <= 0
 
