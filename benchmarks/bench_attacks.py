@@ -17,9 +17,10 @@ Reports the median of ``--repeats`` timed runs after a warm-up round, the method
 tutorial/pyibp and pyibp/floor, and writes JSON (default ``benchmarks/results/bench_attacks.json``).
 
 AutoAttack (standard, l∞, ε=0.1, on the CPU): :func:`pyibp.autoattack` and torchattacks'
-``AutoAttack(version="standard")`` side by side on the same examples of a tutorial CNN trained
-here on mnist-5k (one standard epoch, then ``--aa-epochs`` of FGSM adversarial training, ε=0.1, Adam), each run once:
-robust error and seconds, and their ratios. torchattacks is no dependency: install it anywhere
+``AutoAttack(version="standard")`` side by side on the same examples of tutorial CNNs trained
+here on mnist-5k, each run once: one standard epoch, then ``--aa-epochs`` of FGSM adversarial
+training (ε=0.1, Adam), and ``--aa-ibp-epochs`` of IBP training (ε=0.1, where pyibp's sound
+pre-certification spares most examples the cascade): robust error and seconds, and their ratios. torchattacks is no dependency: install it anywhere
 (``pip install --no-deps --target /tmp/ta torchattacks``); the benchmark imports it from the
 environment or from ``/tmp/ta`` and says when it is absent. Its AutoAttack takes 10 steps per
 APGD/FAB run (the original and pyibp: 100) and rescales Square's schedule, so its numbers are
@@ -27,7 +28,8 @@ not the original's.
 
 Usage:
     python benchmarks/bench_attacks.py [--device cpu|cuda|all] [--repeats 5] [--quick] [--out PATH]
-                                       [--aa-examples 100] [--aa-epochs 2] [--no-autoattack]
+                                       [--aa-examples 100] [--aa-epochs 2] [--aa-ibp-epochs 8]
+                                       [--aa-models fgsm ibp] [--no-autoattack]
 """
 from __future__ import annotations
 
@@ -205,12 +207,35 @@ def fgsm_trained_cnn(epochs: int, eps: float) -> nn.Module:
     return model.eval()
 
 
-def bench_autoattack(examples: int, epochs: int, eps: float = EPS) -> Dict[str, object]:
+def ibp_trained_cnn(epochs: int, eps: float) -> nn.Module:
+    """The tutorial CNN after ``epochs`` of IBP training on mnist-5k (Gowal et al.: ε ramped up and κ
+    from 1 down to 0.5 over the first half, Adam lr 1e-3), seeded; in eval mode."""
+    from pyibp.certified_training import certified_train_epoch
+    from pyibp.data import loader, mnist5k
+
+    torch.manual_seed(0)
+    train, _ = mnist5k()
+    model = tutorial_cnn()
+    batches = loader(train, 100, shuffle=True, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ramp = 0.5 * epochs * len(batches)
+    step = 0
+    for _ in range(epochs):
+        _, step = certified_train_epoch(model, batches, opt, eps_schedule=lambda t: eps * min(1.0, t / ramp),
+                                        kappa_schedule=lambda t: max(0.5, 1 - 0.5 * t / ramp), step_offset=step,
+                                        quiet=True)
+    return model.eval()
+
+
+TRAINED = {"fgsm": fgsm_trained_cnn, "ibp": ibp_trained_cnn}
+
+
+def bench_autoattack(examples: int, epochs: int, eps: float = EPS, training: str = "fgsm") -> Dict[str, object]:
     """pyibp.autoattack and torchattacks.AutoAttack, standard l∞, on one model and the same examples."""
     from pyibp.data import mnist5k
 
     start = time.perf_counter()
-    model = fgsm_trained_cnn(epochs, eps)
+    model = TRAINED[training](epochs, eps)
     train_seconds = time.perf_counter() - start
     test = mnist5k()[1].tensors
     chosen = torch.randperm(len(test[1]), generator=torch.Generator().manual_seed(0))[:examples]  # all classes
@@ -226,7 +251,8 @@ def bench_autoattack(examples: int, epochs: int, eps: float = EPS) -> Dict[str, 
     start = time.perf_counter()
     result = pyibp.autoattack(model, x, y, eps)
     runs["pyibp"] = {"seconds": time.perf_counter() - start, "robust_error": robust_error(x + result.delta),
-                     "per_attack": result.report()["attacks"]}
+                     "per_attack": result.report()["attacks"], "verified": int(result.verified.sum()),
+                     "verification_seconds": result.verification_seconds}
     torchattacks = import_torchattacks()
     if torchattacks is not None:
         attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
@@ -234,7 +260,7 @@ def bench_autoattack(examples: int, epochs: int, eps: float = EPS) -> Dict[str, 
         x_adv = attack(x, y)
         runs["torchattacks"] = {"seconds": time.perf_counter() - start, "robust_error": robust_error(x_adv),
                                 "version": getattr(torchattacks, "__version__", "?")}
-    out: Dict[str, object] = {"examples": examples, "eps": eps, "train_epochs": epochs,
+    out: Dict[str, object] = {"training": training, "examples": examples, "eps": eps, "train_epochs": epochs,
                               "train_seconds": train_seconds, "clean_error": clean, "runs": runs,
                               "torchattacks": "measured" if torchattacks is not None else
                               f"not installed (import failed, nor found in {TORCHATTACKS_FOLDER}): skipped"}
@@ -246,13 +272,17 @@ def bench_autoattack(examples: int, epochs: int, eps: float = EPS) -> Dict[str, 
 
 
 def print_autoattack(r: Dict[str, object]) -> None:
-    print(f"\nAutoAttack standard (l∞, eps={r['eps']}) on tutorial_cnn after 1 + {r['train_epochs']} epochs of "
-          f"FGSM training, {r['examples']} mnist-5k test images, cpu; clean error {100 * r['clean_error']:.1f}%")
+    trained = (f"1 + {r['train_epochs']} epochs of FGSM training" if r["training"] == "fgsm"
+               else f"{r['train_epochs']} epochs of IBP training")
+    print(f"\nAutoAttack standard (l∞, eps={r['eps']}) on tutorial_cnn after {trained}, {r['examples']} mnist-5k "
+          f"test images, cpu; clean error {100 * r['clean_error']:.1f}%")
     header = f"{'method':<14}{'robust error (%)':>18}{'seconds':>10}"
     print(header)
     print("-" * len(header))
     for name, run in r["runs"].items():
         print(f"{name:<14}{100 * run['robust_error']:>18.1f}{run['seconds']:>10.1f}")
+    print(f"  pyibp verified {r['runs']['pyibp']['verified']} examples first (sound IBP + CROWN-IBP, "
+          f"{r['runs']['pyibp']['verification_seconds']:.2f} s): not attacked")
     for a in r["runs"]["pyibp"]["per_attack"]:
         print(f"  pyibp {a['name']:<8} broke {a['broken']:>4} of {a['attacked']:>4}   robust error after "
               f"{100 * a['robust_error']:5.1f}%   {a['seconds']:7.1f} s")
@@ -272,6 +302,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_attacks.json")
     parser.add_argument("--aa-examples", type=int, default=100, help="AutoAttack test images (default 100; 50 with --quick)")
     parser.add_argument("--aa-epochs", type=int, default=2, help="FGSM training epochs of the AutoAttack model (default 2)")
+    parser.add_argument("--aa-ibp-epochs", type=int, default=8, help="IBP training epochs of the second model (default 8)")
+    parser.add_argument("--aa-models", nargs="+", choices=sorted(TRAINED), default=["fgsm", "ibp"],
+                        help="the trained models AutoAttack runs on (default: fgsm ibp)")
     parser.add_argument("--no-autoattack", action="store_true", help="only the PGD timings")
     args = parser.parse_args(argv)
     steps, repeats = (10, 3) if args.quick else (args.steps, args.repeats)
@@ -284,8 +317,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     print_table(results, steps, repeats)
     autoattack = None
     if not args.no_autoattack:
-        autoattack = bench_autoattack(50 if args.quick else args.aa_examples, 1 if args.quick else args.aa_epochs)
-        print_autoattack(autoattack)
+        autoattack = []
+        for training in args.aa_models:
+            epochs = args.aa_epochs if training == "fgsm" else args.aa_ibp_epochs
+            autoattack.append(bench_autoattack(50 if args.quick else args.aa_examples, 1 if args.quick else epochs,
+                                               training=training))
+            print_autoattack(autoattack[-1])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "pgd_linf", "model": "tutorial_cnn", "batch": BATCH, "eps": EPS, "alpha": ALPHA,
               "steps": steps, "repeats": repeats, "quick": args.quick, "torch": torch.__version__,
