@@ -182,6 +182,25 @@ def test_overflowing_centres_give_trivial_bounds():
     assert math.isfinite(float(lb[1])) and lb[1] <= 0 <= ub[1]
 
 
+def test_a_linear_over_the_last_dimension_keeps_one_flag_per_example():
+    """A Linear on (B, T, F) runs on B·T rows: an overflow in one row voids that example only, and
+    sound CROWN-IBP, which takes Linear layers on (B, F), refuses such a node by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Flatten(), nn.Linear(15, 2)).eval()
+    x = torch.rand(6, 3, 4)
+    lb, ub = pyibp.interval_bounds(model, x, 0.1, sound=True)
+    lb0, ub0 = pyibp.interval_bounds(model, x, 0.1)
+    assert (lb <= lb0).all() and (ub >= ub0).all() and torch.isfinite(lb).all()
+    with torch.no_grad():
+        model[0].weight[:, 0] = 10.0
+    x[1, 2, 0] = 3e38
+    lb, ub = pyibp.interval_bounds(model, x, 0.0, sound=True, upper=math.inf)
+    assert (lb[1] == -math.inf).all() and (ub[1] == math.inf).all()
+    assert torch.isfinite(lb[[0, 2, 3, 4, 5]]).all()
+    with pytest.raises(TypeError, match=r"cannot bound node '_0' \(call_module 0: Linear\).*inputs of shape \(B, 3, 4\)"):
+        pyibp.margin_bounds(model, x[:1] * 0, torch.zeros(1, dtype=torch.long), 0.1, method="crown-ibp", sound=True)
+
+
 def test_verify_reports_the_kind_of_certificate():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()

@@ -175,16 +175,22 @@ class SoundBackend:
 
     def __init__(self) -> None:
         self.ok: Optional[Tensor] = None
+        self.batch: Optional[int] = None
 
     def _track(self, mu: Tensor) -> None:
-        # a sum over each example is finite iff every term is (or it overflowed: trivial, still sound)
+        # a sum over each row is finite iff every term is (or it overflowed: trivial, still sound)
         self._mark(torch.isfinite(mu.flatten(1).sum(1)))
 
     def _mark(self, finite: Tensor) -> None:
+        """AND per-row flags into ``ok``. A Linear over the last dimension of (B, ..., F) runs on
+        (B·..., F) rows, example-major, so the rows of one example are consecutive."""
+        if self.batch is not None and finite.shape[0] != self.batch:
+            finite = finite.reshape(self.batch, -1).all(1)
         self.ok = finite if self.ok is None else self.ok & finite
 
     # -- the input box, conversions ------------------------------------------------------------
     def start(self, x: Tensor, eps: Tensor, lower: Any, upper: Any) -> Pair:
+        self.batch = x.shape[0]
         e = eps.reshape((-1,) + (1,) * (x.dim() - 1)) if eps.dim() else eps
         lower, upper = outward_domain(lower, upper, x.dtype)
         return self.from_bounds(torch.clamp(_down(x - e), min=lower), torch.clamp(_up(x + e), max=upper))

@@ -70,8 +70,9 @@ _SUPPORTED = ("input", "const", "linear", "conv", "relu", "reshape", "identity",
 _RELAXED = 1 + 2.0 ** -50      # covers the float64 rounding of the error bounds computed below
 
 
-def check_sound_crown(graph: BoundGraph, start: int) -> None:
-    """TypeError naming the first node up to ``start`` the sound CROWN pass cannot bound."""
+def check_sound_crown(graph: BoundGraph, start: int, shapes: Dict[int, Tuple[int, ...]]) -> None:
+    """TypeError naming the first node up to ``start`` the sound CROWN pass cannot bound
+    (``shapes``: the per-example shape of each node's value, from the IBP pass)."""
     users: Dict[int, int] = {}
     for node in graph.nodes[:start + 1]:
         for i in set(node.inputs):
@@ -82,6 +83,11 @@ def check_sound_crown(graph: BoundGraph, start: int) -> None:
                             "Linear, Conv2d, ReLU, BatchNorm, Normalize, Flatten and reshapes); "
                             "method='ibp' with sound=True bounds more ops")
     for node in graph.nodes[:start + 1]:
+        if node.kind == "linear" and len(shapes.get(node.inputs[0], ())) != 1:
+            raise TypeError(f"sound=True with method='crown-ibp' cannot bound {node.describe()} yet: it acts on the "
+                            f"last dimension of inputs of shape (B, {', '.join(map(str, shapes[node.inputs[0]]))}), "
+                            "and the sound CROWN pass takes Linear layers on (B, features); method='ibp' with "
+                            "sound=True bounds it")
         if users.get(node.index, 0) > 1 and node.kind != "const":
             raise TypeError(f"sound=True with method='crown-ibp' cannot bound {node.describe()} yet: its value has "
                             "several users (a residual sum or a branch); method='ibp' with sound=True bounds it")
@@ -337,7 +343,7 @@ def sound_crown_margins(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, 
         A.scatter_(2, y[:, None, None].expand(-1, others.shape[1], 1), 1.0).scatter_(2, others[..., None], -1.0)
         A = A.reshape(others.shape + trace.shapes[start])
         pending, const = None, None
-    check_sound_crown(graph, start)
+    check_sound_crown(graph, start, trace.shapes)
     # chunks of examples, as the unsound pass (every tensor below is per example)
     chunk = _examples_per_chunk(trace, A, batch)
     bounds = []
