@@ -193,10 +193,9 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
         verified, verification = _certified(model, x, y, eps_t, domain, robust, batch_size) if skip_verified \
             else (torch.zeros_like(robust), "off")
         verification_seconds = time.perf_counter() - started
-        attackable = robust & ~verified
         for name in names:
             setting, started = settings[name], time.perf_counter()
-            todo = (robust & attackable).nonzero()[:, 0]
+            todo = (robust & ~verified).nonzero()[:, 0]
             chunks = [todo[i:i + batch_size] for i in range(0, todo.numel(), batch_size)]
             total, done = _units(setting, classes, steps, n_queries) * len(chunks), 0
             generator = torch.Generator(device=x.device).manual_seed(seed)
