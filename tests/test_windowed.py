@@ -17,7 +17,8 @@ square_module = importlib.import_module("pyibp.attacks.square")
 
 
 def _odd_net():
-    return nn.Sequential(Normalize([0.5, 0.4], [0.2, 0.3]), nn.Conv2d(2, 4, 3, stride=3), nn.ReLU(),
+    return nn.Sequential(nn.Hardtanh(0.1, 0.8, inplace=True), Normalize([0.5, 0.4], [0.2, 0.3]), nn.Conv2d(2, 4, 3, stride=3),
+                         nn.ReLU(inplace=True),
                          nn.MaxPool2d(2, padding=1), nn.Conv2d(4, 5, 2, stride=2, dilation=2), nn.Tanh(),
                          nn.AvgPool2d(3, stride=1, padding=1), nn.BatchNorm2d(5),
                          nn.Sequential(nn.Conv2d(5, 3, (3, 1), padding=(2, 0), groups=1), nn.ReLU()),
@@ -31,27 +32,31 @@ def test_windowed_logits_and_cache_match_the_full_forward(build, channels):
     x = torch.rand(6, channels, 28, 28)
     model(x)                                          # materialises LazyLinear
     model.eval()
-    if isinstance(model[7], nn.BatchNorm2d):
-        model[7].running_mean.uniform_(-1, 1), model[7].running_var.uniform_(0.5, 2)
+    if isinstance(model[8], nn.BatchNorm2d):
+        model[8].running_mean.uniform_(-1, 1), model[8].running_var.uniform_(0.5, 2)
     forward = WindowedForward.of(model)
     assert forward is not None
     with torch.no_grad():
+        given = x.clone()
         logits, cache = forward.start(x)
-        torch.testing.assert_close(logits, model(x), rtol=0, atol=0)
+        assert torch.equal(x, given)                  # in-place activations do not write the caller's tensors
+        torch.testing.assert_close(logits, model(x.clone()), rtol=0, atol=0)
         for rows in (torch.arange(6), torch.tensor([0, 2, 3])):
             for s in (1, 2, 3, 7, 25, 28):
                 for top, left in ((0, 0), (28 - s, 28 - s), (5, 11), (13, 0)):
                     if top + s > 28 or left + s > 28:
                         continue
                     values = torch.rand(rows.numel(), channels, s, s)
+                    given = values.clone()
                     out, patches = forward.query(cache, rows, values, (top, top + s, left, left + s))
+                    assert torch.equal(values, given)
                     changed = x[rows].clone()
                     changed[:, :, top:top + s, left:left + s] = values
-                    torch.testing.assert_close(out, model(changed), rtol=1e-6, atol=1e-6)
+                    torch.testing.assert_close(out, model(changed.clone()), rtol=1e-6, atol=1e-6)
                     keep = torch.rand(rows.numel()) < 0.5
                     forward.commit(cache, rows, keep, patches)
                     x[rows[keep], :, top:top + s, left:left + s] = values[keep]
-                    for kept, fresh in zip(cache, forward.start(x)[1]):
+                    for kept, fresh in zip(cache, forward.start(x.clone())[1]):
                         torch.testing.assert_close(kept, fresh, rtol=1e-6, atol=1e-6)
 
 

@@ -146,6 +146,8 @@ class WindowedForward:
         z = self._cast(inputs)
         cache = [z]
         for stage in self.stages:
+            if stage.op is None:        # an in-place activation (ReLU(inplace=True)) must not write the cache
+                z = z.clone()
             for layer in ([stage.op] if stage.op is not None else []) + stage.after:
                 z = layer(z)
             cache.append(z)
@@ -160,7 +162,7 @@ class WindowedForward:
         for stage, z in zip(self.stages, cache[:-1]):
             r0, r1, c0, c1 = region
             if stage.op is None:
-                patch = stage.apply(patch)
+                patch = stage.apply(patch.clone())      # the previous patch is kept for commit
             else:
                 (kh, kw), (sh, sw), (ph, pw), (dh, dw) = stage.geometry()
                 H, W = z.shape[-2:]
