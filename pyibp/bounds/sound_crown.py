@@ -140,7 +140,6 @@ class _Walk:
         self.u, self.eta = units(dtype)
         self.dtype = dtype
         self.acc = _Accumulator()
-        self.done: set = set()
 
     # -- the error bookkeeping ------------------------------------------------------------------
     def reduce(self, lam: Tensor, m: Optional[Tensor]) -> None:
@@ -159,12 +158,10 @@ class _Walk:
 
     # -- the rules -------------------------------------------------------------------------------
     # A Linear, Conv or affine node adds a pending weight on the Λ of its output (``pending``, which
-    # does not depend on Λ) and maps Λ back (``apply``). After a ReLU step the fused kernel already
-    # reduced that pending weight on the ReLU's new Λ (see ``relu``); ``done`` holds those nodes.
-    def layer(self, node, lam: Tensor, m: Optional[Tensor]) -> Tensor:
-        if node.index in self.done:
-            self.done.discard(node.index)
-        else:
+    # does not depend on Λ) and maps Λ back (``apply``). When Λ comes from the node's ReLU (its only
+    # user: check_sound_crown), the fused ReLU step already reduced that weight (see ``relu``).
+    def layer(self, node, lam: Tensor, m: Optional[Tensor], after_relu: bool) -> Tensor:
+        if not after_relu:
             self.reduce(lam, _add_up(self.pending(node, lam.shape[0]), m))
         return self.apply(node, lam)
 
@@ -261,7 +258,6 @@ class _Walk:
         m_out = None
         if fused:      # else m_relu is returned and reduced by the node that receives it
             m_out = _add_up(self.pending(producer, lam.shape[0]), m_relu)
-            self.done.add(producer.index)
         if lam.dim() == 5 and not _channels_last(lam):
             lam = _A_channels_last(lam)      # the transposed convolution that follows is faster so
         cl = _channels_last(lam)
@@ -367,18 +363,18 @@ def sound_crown_margins(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, 
 
 def _backward(walk: _Walk, A: Tensor, pending: Optional[Tensor], start: int, box: Pair) -> Tensor:
     nodes = walk.graph.nodes
-    i, lam, m = start, A, pending
+    i, lam, m, previous = start, A, pending, None
     while True:
         node = nodes[i]
         kind = node.kind
         if kind == "input":
             return walk.concretise(lam, m, box)
         if kind in ("linear", "conv", "affine"):
-            lam, m = walk.layer(node, lam, m), None
+            lam, m = walk.layer(node, lam, m, after_relu=previous == "relu"), None
         elif kind == "relu":
             lam, m = walk.relu(node, lam, m)
         elif kind == "reshape":
             in_shape = walk.trace.shapes[node.inputs[0]]
             lam = lam.reshape(lam.shape[:2] + in_shape)
             m = None if m is None else m.reshape(m.shape[:1] + in_shape)
-        i = node.inputs[0]
+        i, previous = node.inputs[0], kind
