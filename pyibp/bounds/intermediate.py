@@ -117,10 +117,14 @@ def _tighten(graph: BoundGraph, trace: Trace, node: Node, value: Any, backend, b
         return value
     bounds = _neuron_bounds(graph, trace, node, index, box, dtype)
     count = index.numel()
+    low_i, up_i = low[:, index], up[:, index]
     # fmax/fmin: a NaN bound (overflow) leaves IBP's
-    new_low = torch.fmax(low[:, index], bounds[:, :count])
-    new_up = torch.fmin(up[:, index], -bounds[:, count:])
+    new_low = torch.fmax(low_i, bounds[:, :count])
+    new_up = torch.fmin(up_i, -bounds[:, count:])
     new_low = torch.minimum(new_low, new_up)           # never crossed by rounding
+    if not every:     # each example's own unstable neurons only: its bounds do not depend on the batch
+        open_ = (low_i < 0) & (up_i > 0)
+        new_low, new_up = torch.where(open_, new_low, low_i), torch.where(open_, new_up, up_i)
     low, up = low.index_copy(1, index, new_low), up.index_copy(1, index, new_up)
     return backend.from_bounds(low.view(lower.shape), up.view(upper.shape))
 
