@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .checks import Bound, domain
 from .. import ops
-from .crown import (_A_channels_last, _back_conv, _channels_last, _examples_per_chunk, _flat_box, _flat_features,
+from .coefficients import (_A_channels_last, _back_conv, _channels_last, _examples_per_chunk, _flat_box, _flat_features,
                     _other_classes, _unflatten_features)
 from .graph import BoundGraph, ConvParams, conv_params, linear_params, per_channel
 from .ibp import Trace, _param, ibp_margins, no_nan
