@@ -374,7 +374,7 @@ __global__ void sound_crown_relu_step_kernel(const scalar_t* __restrict__ a, con
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const scalar_t ai = a[row * n + i];
     scalar_t term;
-    const scalar_t oi = sound_relu_coefficient(ai, alpha[base + i], sigma[base + i], tau[base + i], &term);
+    const scalar_t oi = relu_lines_coefficient(ai, alpha[base + i], sigma[base + i], tau[base + i], &term);
     out[row * n + i] = oi;
     sums[0] += term;
     if (m_in) sums[1] += fabs(ai) * m_in[base + i];
