@@ -41,6 +41,7 @@ def kernels(n: int, device: torch.device, dtype: torch.dtype) -> Dict[str, Tuple
     slopes = torch.rand_like(A)                     # alpha-CROWN's last layer: one slope per row and neuron
     grad_A, grad_shift = torch.randn_like(A), torch.randn(A.shape[:2], device=device, dtype=dtype)
     alpha_inputs = [A, box_mu - box_rad, box_mu + box_rad, slopes]
+    alpha_leaves = [t.detach().requires_grad_() for t in alpha_inputs]     # the twin's autograd inputs
     out_mu, out_rad = ops.interval_relu(mu, rad)
 
     def pgd_plain():
@@ -70,8 +71,8 @@ def kernels(n: int, device: torch.device, dtype: torch.dtype) -> Dict[str, Tuple
                                   lambda: reference.crown_relu_alpha_step_ref(*alpha_inputs), 3 * A.numel() * size),
         "crown_relu_alpha_step_backward": (
             lambda: torch.ops.pyibp.crown_relu_alpha_step_backward(grad_A, grad_shift, *alpha_inputs),
-            lambda: torch.autograd.grad(reference.crown_relu_alpha_step_ref(*(t.requires_grad_() for t in alpha_inputs)),
-                                        alpha_inputs, (grad_A, grad_shift)),
+            lambda: torch.autograd.grad(reference.crown_relu_alpha_step_ref(*alpha_leaves), alpha_leaves,
+                                        (grad_A, grad_shift)),
             5 * A.numel() * size),
         "pgd_linf_step_": (lambda: ops.pgd_linf_step_(delta, grad, x, eps, eps / 10, 0.0, 1.0), pgd_plain,
                            4 * count * size),
