@@ -20,6 +20,16 @@ from .ibp import Trace
 # Larger CPU tensors are mmapped afresh by glibc's allocator at every allocation and page-faulted in,
 # which costs more than the arithmetic on them (its dynamic mmap threshold stops at 32 MiB).
 _CPU_CHUNK_BYTES = 8 * 2**20
+# The coefficient tensors of the passes that bound one node's neurons (many rows): at most this many
+# bytes on the CPU, else the CUDA budget.
+_CPU_ROWS_BUDGET = 32 * 2**20
+_CUDA_ROWS_BUDGET = 1024 * 2**20
+
+
+def rows_per_chunk(like: Tensor, elements_per_row: int, rows: int) -> int:
+    """How many of ``rows`` rows of ``elements_per_row`` elements (the whole batch's) to push back at once."""
+    budget = _CPU_ROWS_BUDGET if like.device.type == "cpu" else _CUDA_ROWS_BUDGET
+    return max(1, min(rows, budget // max(elements_per_row * like.element_size(), 1)))
 
 
 def _feature_dims(t: Tensor) -> Tuple[int, ...]:

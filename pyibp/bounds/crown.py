@@ -118,20 +118,8 @@ def _back_relu_alpha(A: Tensor, const: Tensor, mu: Tensor, rad: Tensor, alpha: T
     above: :func:`pyibp.ops.crown_relu_alpha_step` on A, the box and ``alpha`` (b or 1, R or 1, *shape),
     all in the features' natural order."""
     lower, upper = ops.center_to_interval(mu, rad)
-    out, shift = _TMP_alpha_step(A.flatten(2), lower.flatten(1), upper.flatten(1), alpha.flatten(2))
+    out, shift = ops.crown_relu_alpha_step(A.flatten(2), lower.flatten(1), upper.flatten(1), alpha.flatten(2))
     return out.view(A.shape), const + shift
-
-
-def _TMP_alpha_step(A, lower, upper, alpha):  # TODO(merge): ops.crown_relu_alpha_step
-    lower, upper = lower[:, None], upper[:, None]
-    unstable = (lower < 0) & (upper > 0)
-    active = (lower >= 0).to(A.dtype)
-    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
-    s_up = torch.where(unstable, upper / width, active)
-    t = torch.where(unstable, -lower * s_up, torch.zeros_like(upper))
-    s_low = torch.where(unstable, alpha, active)
-    A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
-    return A_pos * s_low + A_neg * s_up, (A_neg * t).sum(-1)
 
 
 def _back_affine(A: Tensor, const: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:

@@ -115,6 +115,38 @@ class BoundGraph:
     def relus(self) -> Iterator[Node]:
         return (n for n in self.nodes if n.kind == "relu")
 
+    def refined_nodes(self, stop: int) -> Dict[int, bool]:
+        """The nodes before ``stop`` whose boxes CROWN tightens (:mod:`pyibp.bounds.intermediate`):
+        ``{p: every neuron}`` for each node p an activation or MaxPool reads, True when one other
+        than ReLU reads it (every neuron's bound matters then; for a ReLU, its unstable ones). A node
+        IBP already bounds exactly is left out: one that depends on the input through at most one
+        Linear/Conv and otherwise only elementwise affine maps and reshapes."""
+        needs: Dict[int, bool] = {}
+        for node in self.nodes[:stop]:
+            if node.kind in _RELAXED_KINDS:
+                p = node.inputs[0]
+                needs[p] = needs.get(p, False) or node.kind != "relu"
+        return {p: every for p, every in needs.items() if not self._exact_by_ibp(p)}
+
+    def _exact_by_ibp(self, index: int) -> bool:
+        mixing, stack, seen = 0, [index], set()
+        while stack:
+            node = self.nodes[stack.pop()]
+            if node.index in seen:
+                continue
+            seen.add(node.index)
+            if node.kind in ("linear", "conv"):
+                mixing += 1
+            elif node.kind not in _IBP_EXACT_KINDS:
+                return False
+            stack.extend(node.inputs)
+        return mixing <= 1
+
+
+_RELAXED_KINDS = ("relu", "activation", "maxpool")
+# Ops through which IBP's centre-radius form loses nothing (with at most one Linear/Conv among them).
+_IBP_EXACT_KINDS = ("input", "const", "reshape", "identity", "affine", "const_affine", "pad", "index")
+
 
 def resolve(value: Any, env: List[Any]) -> Any:
     """``value`` with every :class:`Ref` replaced by its node's value in ``env``."""

@@ -499,13 +499,15 @@ def ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower
 
 
 def ibp_margins(graph: BoundGraph, box: Pair, backend, y: Tensor, dtype: Optional[torch.dtype],
-                trace: Optional[Trace] = None) -> Tuple[Tensor, Any, Optional[Tuple[Tensor, Optional[Tensor]]]]:
+                trace: Optional[Trace] = None, refine: Optional[Callable[[Node, Any], Any]] = None
+                ) -> Tuple[Tensor, Any, Optional[Tuple[Tensor, Optional[Tensor]]]]:
     """IBP margins (B, K) of the graph's logits, with the specification folded into a final Linear
     when the logits come from one over flat features. Returns ``(margins, box in front of that
-    Linear or of the logits, (weight, bias) of that Linear or None)``."""
+    Linear or of the logits, (weight, bias) of that Linear or None)``. ``trace``, ``refine``: as for
+    :func:`propagate`."""
     last = graph.last_linear
     stop = last if last is not None else graph.logits + 1
-    env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=stop)
+    env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=stop, refine=refine)
     if last is not None:
         state = env[graph.nodes[last].inputs[0]]
         if state[0].dim() == 2:
@@ -513,7 +515,9 @@ def ibp_margins(graph: BoundGraph, box: Pair, backend, y: Tensor, dtype: Optiona
             weight, bias = _param(weight, dtype), _param(bias, dtype)
             _check_labels(y, state[0], weight.shape[0])
             return backend.margins(state, weight, bias, y), state, (weight, bias)
-        env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=graph.logits + 1)
+        if trace is not None:
+            trace.boxes.clear()
+        env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=graph.logits + 1, refine=refine)
     state = env[graph.logits]
     lb, ub = (t.flatten(1) for t in backend.bounds(state))
     _check_labels(y, lb, lb.shape[1])

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .coefficients import rows_per_chunk
 from .crown import _crown_bound
 from .graph import BoundGraph, Node, linear_params
 from .ibp import Trace, _param, propagate
@@ -30,44 +31,6 @@ from .ibp import Trace, _param, propagate
 __all__ = ["crown_trace"]
 
 Pair = Tuple[Tensor, Tensor]
-_RELAXED = ("relu", "activation", "maxpool")
-# Ops through which IBP's centre-radius form loses nothing (with at most one Linear/Conv among them).
-_EXACT_KINDS = ("input", "const", "reshape", "identity", "affine", "const_affine", "pad", "index")
-# The coefficient tensors of one backward pass: at most this many bytes (CPU), else the CUDA budget.
-_CPU_BUDGET = 32 * 2**20
-_CUDA_BUDGET = 1024 * 2**20
-
-
-def _refined_nodes(graph: BoundGraph, stop: int) -> Dict[int, bool]:
-    """``{p: every neuron}`` for each node p before ``stop`` read by an activation: True when an
-    activation other than ReLU (or a MaxPool) reads it, so every neuron's bound matters."""
-    needs: Dict[int, bool] = {}
-    for node in graph.nodes[:stop]:
-        if node.kind in _RELAXED:
-            p = node.inputs[0]
-            needs[p] = needs.get(p, False) or node.kind != "relu"
-    return {p: every for p, every in needs.items() if not _exact_by_ibp(graph, p)}
-
-
-def _exact_by_ibp(graph: BoundGraph, index: int) -> bool:
-    """Whether node ``index`` depends on the input through at most one Linear/Conv and otherwise only
-    elementwise affine maps and reshapes (no activation, no sum of branches)."""
-    mixing, stack, seen = 0, [index], set()
-    while stack:
-        node = graph.nodes[stack.pop()]
-        if node.index in seen:
-            continue
-        seen.add(node.index)
-        if node.kind in ("linear", "conv"):
-            mixing += 1
-        elif node.kind not in _EXACT_KINDS:
-            return False
-        stack.extend(node.inputs)
-    return mixing <= 1
-
-
-def _budget(t: Tensor) -> int:
-    return _CPU_BUDGET if t.device.type == "cpu" else _CUDA_BUDGET
 
 
 def _largest(trace: Trace, upto: int) -> int:
@@ -85,8 +48,7 @@ def _neuron_bounds(graph: BoundGraph, trace: Trace, node: Node, index: Tensor, b
         # rows of a Linear start at its input: ±W[i] with the constant ±b[i] (no product with e_i)
         weight, bias = (_param(t, dtype) for t in linear_params(node, trace.constants))
         start = node.inputs[0]
-    per_row = batch * _largest(trace, node.index) * mu.element_size()
-    chunk = max(1, min(2 * count, _budget(mu) // max(per_row, 1)))
+    chunk = rows_per_chunk(mu, batch * _largest(trace, node.index), 2 * count)
     rows = torch.cat([index, index])
     signs = torch.cat([mu.new_ones(count), -mu.new_ones(count)])
     out: List[Tensor] = []
@@ -152,7 +114,7 @@ def crown_trace(graph: BoundGraph, box: Pair, backend, dtype: Optional[torch.dty
         ...                          FusedBackend(), None, len(graph.nodes))
     """
     trace = Trace()
-    needs = _refined_nodes(graph, stop)
+    needs = graph.refined_nodes(stop)
 
     known = known or {}
 

@@ -28,6 +28,8 @@ from .crown import _ChannelsLastBackend, _crown_bound, _full_precision, _other_c
 from .graph import BoundGraph, bound_graph, linear_params
 from .ibp import Trace, _param, no_nan, propagate
 from .intermediate import crown_trace
+from .sound import outward_eps, sound_arithmetic
+from .sound_crown import sound_crown_margins
 
 __all__ = ["spec_bounds", "margin_spec_bounds", "METHODS", "SpecResult", "bound_spec"]
 
@@ -236,5 +238,12 @@ def margin_spec_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lowe
     box = _ChannelsLastBackend().start(x, eps_t, *domain(x, lower, upper))
     others = _other_classes(y, num_classes)
     C = _spec_rows(y, others, num_classes, x.dtype)
+    if sound:
+        # alpha-CROWN's slopes are searched in float arithmetic; any slope is sound, so the exact
+        # bound takes them as they are.
+        slopes = bound_spec(graph, box, C, None, method, dtype, options).slopes if method == "alpha-crown" else None
+        with _full_precision(x), sound_arithmetic(x.device.type):
+            return sound_crown_margins(graph, x, y, outward_eps(eps, eps_t, x.dtype), lower, upper, dtype,
+                                       refine=True, slopes=slopes)
     bounds = bound_spec(graph, box, C, None, method, dtype, options).bounds
     return bounds.new_zeros(x.shape[0], num_classes).scatter(1, others, bounds)
