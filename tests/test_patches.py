@@ -9,9 +9,10 @@ from torch import nn
 
 import pyibp
 import pyibp.bounds.intermediate as intermediate
-from pyibp.bounds.crown import _ChannelsLastBackend
+from pyibp.bounds.crown import _ChannelsLastBackend, _crown_bound
 from pyibp.bounds.graph import bound_graph
 from pyibp.bounds.intermediate import crown_trace
+from pyibp.bounds.patches import patch_neuron_bounds
 from pyibp.nn import Normalize
 from pyibp.testing import random_model, randomize_batchnorm, sample_box
 
@@ -151,3 +152,32 @@ def test_random_models_with_patches_match_dense(seed, monkeypatch):
         _dense(m)
         dense = pyibp.margin_bounds(model, x, y, 0.03, method="crown")
     torch.testing.assert_close(margins, dense, rtol=0, atol=1e-9)
+
+
+def test_patch_bounds_equal_one_hot_dense_passes_with_slopes_and_lagrangian_terms():
+    """The passes from all neurons of the last convolution equal the dense walker's from one-hot rows;
+    a ReLU with given slopes (alpha-CROWN) or a node with an added term (beta-CROWN) is walked dense."""
+    model, shape = _MODELS["strides-batchnorm"]()
+    x = torch.rand((2,) + shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    graph = bound_graph(model)
+    backend, box = _box(x, 0.05)
+    trace, _ = crown_trace(graph, box, backend, None, len(graph.nodes))
+    node = [n for n in graph.nodes if n.kind == "conv"][-1]
+    n = trace.shapes[node.index]
+    count = torch.Size(n).numel()
+    rows = torch.arange(count).repeat(2)
+    signs = torch.cat([torch.ones(count), -torch.ones(count)]).double()
+    one_hot = torch.zeros(2 * count, count, dtype=torch.float64)
+    one_hot[torch.arange(2 * count), rows] = signs
+    A = one_hot.view((1, 2 * count) + n).expand(2, -1, -1, -1, -1)
+    gen = torch.Generator().manual_seed(9)
+    relus = [r.index for r in graph.relus() if r.index < node.index]
+    for change in ("none", "alpha", "extra"):
+        if change == "alpha":
+            trace.alphas[relus[-1]] = torch.rand((2, 1) + trace.shapes[relus[-1]], generator=gen, dtype=torch.float64)
+        if change == "extra":
+            trace.alphas.clear()
+            trace.extra[relus[0]] = torch.randn((1, 1) + trace.shapes[relus[0]], generator=gen, dtype=torch.float64)
+        bounds = patch_neuron_bounds(graph, trace, node, rows, signs, box, None, 2**20)
+        dense = _crown_bound(graph, trace, A, torch.zeros(2, 2 * count, dtype=torch.float64), box, node.index, None)
+        torch.testing.assert_close(bounds, dense, rtol=0, atol=1e-9)

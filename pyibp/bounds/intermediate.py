@@ -13,7 +13,8 @@ Only the neurons the cheaper bound leaves open are bounded: for a ReLU, those wh
 0 in some example of the batch (a stable ReLU's relaxation is exact); for the other activations and
 MaxPool, every neuron. A node that depends on the input through one Linear or Conv and elementwise
 affine maps only is skipped: there IBP's centre-radius form is already exact. Rows run in chunks
-that keep every coefficient tensor under a memory budget.
+that keep every coefficient tensor under a memory budget; the rows of a convolution's neurons carry
+only their receptive fields (:mod:`pyibp.bounds.patches`) as far as the graph allows.
 """
 from __future__ import annotations
 

@@ -5,15 +5,17 @@ coefficients it carries through the earlier convolutions are non-zero only on th
 receptive field in each layer: a small window of a large image. The dense walker
 (:mod:`pyibp.bounds.crown`) still carries them as full images and pays full-image transposed
 convolutions per row. Here a row's coefficients at a node of value ``(C, H, W)`` are a patch
-``(C, ph, pw)`` at the offset ``(y S - P, x S - P)`` of the node's frame, where ``(y, x)`` is the
-neuron's position and ``S``, ``P`` the stride and padding the convolutions on the way compose to
-(``S = s_1 s_2 ...``, ``P = P_prev s + q`` through a Conv2d of stride s and padding q), as in
-auto_LiRPA's ``conv_mode="patches"``. Each rule is the dense rule restricted to the window:
+``(C, ph, pw)`` (stored channels last, ``(B, R, ph, pw, C)`` for R rows) whose window of the node's
+image starts at ``(y S - P, x S - P)``, where ``(y, x)`` is the neuron's position and ``S``, ``P`` the
+stride and padding the convolutions on the way compose to (``S = s_1 s_2 ...``, ``P -> P s + q``
+through a Conv2d of stride s and padding q), as in auto_LiRPA's ``conv_mode="patches"``. Each rule
+is the dense rule restricted to the window:
 
 - Conv2d (W, b, stride s, padding q): the patch becomes ``conv_transpose2d(patch, W, stride=s)``
   (no padding: the window grows to ``(ph - 1) s + k``), its entries over the zero padding of the
   input are dropped, and the constant gains ``sum patch * b`` (per output channel).
-- ReLU: CROWN's relaxation (:func:`pyibp.ops.crown_relu_step`) on the box read at the window.
+- ReLU: CROWN's relaxation (:func:`pyibp.ops.crown_relu_step`) on the box read at the window
+  (zero outside the image, where the relaxation is then 0).
 - BatchNorm / Normalize (per channel), Identity / Dropout, elementwise affine maps with scalar constants.
 - the input: ``Λ mu - |Λ| rad + c`` with the box read at the window.
 
@@ -85,7 +87,7 @@ def _plan(graph: BoundGraph, trace: Trace, start: int, dtype: Optional[torch.dty
     index = start
     while True:
         node, shape = graph.nodes[index], trace.shapes[index]
-        if node.kind == "input":
+        if node.kind == "input" and index not in trace.extra:
             frames.append(_Frame(index, "input", shape, size, stride, padding))
             return frames
         if size[0] * size[1] >= shape[1] * shape[2] or not _carried(node, trace, dtype):
@@ -219,7 +221,7 @@ def patch_neuron_bounds(graph: BoundGraph, trace: Trace, node: Node, rows: Tenso
         return None
     mu = box[0]
     batch, (channels, height, width) = mu.shape[0], shape
-    largest = max(f.shape[0] * math.prod(f.size) for f in frames[:-1])
+    largest = max(f.shape[0] * math.prod(f.size) for f in frames)
     last = frames[-1]
     if last.kind == "dense":
         largest = max([largest] + [math.prod(s) for i, s in trace.shapes.items() if i <= last.index])
