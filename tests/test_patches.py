@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import pyibp
+import pyibp.bounds.coefficients as coefficients
 import pyibp.bounds.intermediate as intermediate
 from pyibp.bounds.crown import _ChannelsLastBackend, _crown_bound
 from pyibp.bounds.graph import bound_graph
@@ -154,7 +155,7 @@ def test_random_models_with_patches_match_dense(seed, monkeypatch):
     torch.testing.assert_close(margins, dense, rtol=0, atol=1e-9)
 
 
-def test_patch_bounds_equal_one_hot_dense_passes_with_slopes_and_lagrangian_terms():
+def test_patch_bounds_equal_one_hot_dense_passes_with_slopes_and_lagrangian_terms(monkeypatch):
     """The passes from all neurons of the last convolution equal the dense walker's from one-hot rows;
     a ReLU with given slopes (alpha-CROWN) or a node with an added term (beta-CROWN) is walked dense."""
     model, shape = _MODELS["strides-batchnorm"]()
@@ -172,12 +173,13 @@ def test_patch_bounds_equal_one_hot_dense_passes_with_slopes_and_lagrangian_term
     A = one_hot.view((1, 2 * count) + n).expand(2, -1, -1, -1, -1)
     gen = torch.Generator().manual_seed(9)
     relus = [r.index for r in graph.relus() if r.index < node.index]
+    monkeypatch.setattr(coefficients, "_CPU_ROWS_BUDGET", 2**14)        # several chunks of rows
     for change in ("none", "alpha", "extra"):
         if change == "alpha":
             trace.alphas[relus[-1]] = torch.rand((2, 1) + trace.shapes[relus[-1]], generator=gen, dtype=torch.float64)
         if change == "extra":
             trace.alphas.clear()
             trace.extra[relus[0]] = torch.randn((1, 1) + trace.shapes[relus[0]], generator=gen, dtype=torch.float64)
-        bounds = patch_neuron_bounds(graph, trace, node, rows, signs, box, None, 2**20)
+        bounds = patch_neuron_bounds(graph, trace, node, rows, signs, box, None)
         dense = _crown_bound(graph, trace, A, torch.zeros(2, 2 * count, dtype=torch.float64), box, node.index, None)
         torch.testing.assert_close(bounds, dense, rtol=0, atol=1e-9)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,9 @@ _CARRIED = ("conv", "relu", "affine", "identity", "const_affine")
 class _Frame:
     """Where the patches lie in the value ``(C, H, W)`` of node ``index``: row r's window starts at
     ``(y_r * stride[0] - padding[0], x_r * stride[1] - padding[1])`` and is ``size`` large;
-    ``kind`` is the node's rule here, or ``"dense"``: the walk goes on with the dense walker from it."""
+    ``kind`` is the node's rule here, or ``"dense"``: the walk goes on with the dense walker from it.
+    ``pads``: ``(top, bottom, left, right)``, the zeros around the image that the window of every
+    neuron position ``grid`` (H, W of the rows' node) lies in."""
 
     index: int
     kind: str
@@ -57,6 +59,13 @@ class _Frame:
     size: Tuple[int, int]
     stride: Tuple[int, int]
     padding: Tuple[int, int]
+    grid: Tuple[int, int]
+
+    @property
+    def pads(self) -> Tuple[int, int, int, int]:
+        (_, height, width), (ph, pw) = self.shape, self.size
+        (sy, sx), (py, px), (grid_h, grid_w) = self.stride, self.padding, self.grid
+        return py, max(0, (grid_h - 1) * sy - py + ph - height), px, max(0, (grid_w - 1) * sx - px + pw - width)
 
 
 def _scalar(c) -> bool:
@@ -84,16 +93,16 @@ def _plan(graph: BoundGraph, trace: Trace, start: int, dtype: Optional[torch.dty
     it turns dense (the last frame)."""
     frames: List[_Frame] = []
     size, stride, padding = (1, 1), (1, 1), (0, 0)
-    index = start
+    index, grid = start, trace.shapes[start][1:]
     while True:
         node, shape = graph.nodes[index], trace.shapes[index]
         if node.kind == "input" and index not in trace.extra:
-            frames.append(_Frame(index, "input", shape, size, stride, padding))
+            frames.append(_Frame(index, "input", shape, size, stride, padding, grid))
             return frames
         if size[0] * size[1] >= shape[1] * shape[2] or not _carried(node, trace, dtype):
-            frames.append(_Frame(index, "dense", shape, size, stride, padding))
+            frames.append(_Frame(index, "dense", shape, size, stride, padding, grid))
             return frames
-        frames.append(_Frame(index, node.kind, shape, size, stride, padding))
+        frames.append(_Frame(index, node.kind, shape, size, stride, padding, grid))
         if node.kind == "conv":
             p = conv_params(node, trace.constants)
             kernel = p.weight.shape[2:]
@@ -108,41 +117,37 @@ def _offsets(frame: _Frame, ys: Tensor, xs: Tensor) -> Tuple[Tensor, Tensor]:
     return ys * frame.stride[0] - frame.padding[0], xs * frame.stride[1] - frame.padding[1]
 
 
-def _margins(frame: _Frame, grid: Tuple[int, int]) -> Tuple[int, int, int, int]:
-    """``(top, bottom, left, right)``: the zeros around the frame's image that the window of every
-    neuron position of the ``grid`` (the rows' node's H, W) lies in."""
-    (_, height, width), (ph, pw) = frame.shape, frame.size
-    (sy, sx), (py, px) = frame.stride, frame.padding
-    grid_h, grid_w = grid
-    return py, max(0, (grid_h - 1) * sy - py + ph - height), px, max(0, (grid_w - 1) * sx - px + pw - width)
-
-
-def _window_index(frame: _Frame, grid: Tuple[int, int], ys: Tensor, xs: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
-    """(R, ph * pw): each row's window as flat positions of the zero-padded image, and the padding."""
-    top, bottom, left, right = pads = _margins(frame, grid)
+def _window_index(frame: _Frame, ys: Tensor, xs: Tensor) -> Tensor:
+    """(R, ph * pw): each row's window as flat positions of the image padded by ``frame.pads``."""
+    top, bottom, left, right = frame.pads
     oy, ox = _offsets(frame, ys, xs)
     ph, pw = frame.size
     wide = frame.shape[2] + left + right
     iy = (oy + top)[:, None] + torch.arange(ph, device=ys.device)
     ix = (ox + left)[:, None] + torch.arange(pw, device=ys.device)
-    return (iy[:, :, None] * wide + ix[:, None, :]).flatten(1), pads
+    return (iy[:, :, None] * wide + ix[:, None, :]).flatten(1)
 
 
-def _gather(t: Tensor, frame: _Frame, grid: Tuple[int, int], ys: Tensor, xs: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, R, ph, pw, C): each row's window of ``t``, zero outside the image. Rows at
-    one position share a window: it is cut once, then copied whole to each of them."""
+def _image(maps: Tuple[Tensor, ...], frame: _Frame) -> Tensor:
+    """M maps (B, C, H, W) -> (M * B, H' * W', C): zero-padded by ``frame.pads``, channels last."""
+    top, bottom, left, right = frame.pads
+    stacked = F.pad(torch.stack(maps), (left, right, top, bottom))
+    return stacked.permute(0, 1, 3, 4, 2).reshape(-1, stacked.shape[3] * stacked.shape[4], stacked.shape[2])
+
+
+def _gather(image: Tensor, frame: _Frame, ys: Tensor, xs: Tensor) -> Tensor:
+    """An :func:`_image` (M * B, H' * W', C) -> (M * B, R, ph, pw, C): each row's window. Rows at one
+    position share a window: it is cut once, then copied whole to each of them."""
     (ys, xs), inverse = torch.unique(torch.stack([ys, xs]), dim=1, return_inverse=True)
-    index, (top, bottom, left, right) = _window_index(frame, grid, ys, xs)
-    batch, channels = t.shape[:2]
-    flat = F.pad(t, (left, right, top, bottom)).permute(0, 2, 3, 1).reshape(batch, -1, channels)
-    windows = flat.index_select(1, index.flatten()).view(batch, ys.numel(), *frame.size, channels)
+    index = _window_index(frame, ys, xs)
+    windows = image.index_select(1, index.flatten()).view(image.shape[0], ys.numel(), *frame.size, image.shape[2])
     return windows.index_select(1, inverse)
 
 
-def _to_dense(patch: Tensor, frame: _Frame, grid: Tuple[int, int], ys: Tensor, xs: Tensor) -> Tensor:
+def _to_dense(patch: Tensor, frame: _Frame, ys: Tensor, xs: Tensor) -> Tensor:
     """(B, R, ph, pw, C) -> (B, R, C, H, W) (laid out channels-last): each row's patch placed at its
     window of the image."""
-    index, (top, bottom, left, right) = _window_index(frame, grid, ys, xs)
+    index, (top, bottom, left, right) = _window_index(frame, ys, xs), frame.pads
     batch, rows, ph, pw, channels = patch.shape
     height, width = frame.shape[1:]
     tall, wide = height + top + bottom, width + left + right
@@ -163,10 +168,11 @@ def _inside(frame: _Frame, ys: Tensor, xs: Tensor) -> Tensor:
 
 
 def _through(node: Node, frame: _Frame, below: _Frame, patch: Tensor, const: Tensor, trace: Trace,
-             dtype: Optional[torch.dtype], grid: Tuple[int, int], ys: Tensor, xs: Tensor) -> Tuple[Tensor, Tensor]:
+             dtype: Optional[torch.dtype], images: Dict[int, Tensor], ys: Tensor, xs: Tensor) -> Tuple[Tensor, Tensor]:
     """One rule: the patches ``(B or 1, R, ph, pw, C)`` at ``frame`` (node's value) -> at ``below``
     (its input). Patches shared by the batch stay so up to the first ReLU. Channels last: the
-    transposed convolutions run faster so (oneDNN), and a window's copy is one block."""
+    transposed convolutions run faster so (oneDNN), and a window's copy is one block. ``images``:
+    the :func:`_image` of each ReLU's box ``(mu, rad)``."""
     batch, rows = const.shape
     if node.kind == "conv":
         p = conv_params(node, trace.constants)
@@ -178,7 +184,7 @@ def _through(node: Node, frame: _Frame, below: _Frame, patch: Tensor, const: Ten
         patch = patch * _inside(below, ys, xs)
     elif node.kind == "relu":
         patch = patch.expand((batch,) + patch.shape[1:])
-        mu, rad = (_gather(t, frame, grid, ys, xs).view(batch * rows, -1) for t in trace.boxes[node.index])
+        mu, rad = _gather(images[node.index], frame, ys, xs).view(2, batch * rows, -1).unbind(0)
         out, shift = ops.crown_relu_step(patch.reshape(batch * rows, 1, -1), mu, rad)
         patch, const = out.view(patch.shape), const + shift.view(batch, rows)
     elif node.kind == "affine":
@@ -226,6 +232,9 @@ def patch_neuron_bounds(graph: BoundGraph, trace: Trace, node: Node, rows: Tenso
     if last.kind == "dense":
         largest = max([largest] + [math.prod(s) for i, s in trace.shapes.items() if i <= last.index])
     chunk = rows_per_chunk(mu, batch * largest, rows.numel())
+    # the boxes (mu, rad) of the ReLUs and of the input, cut into windows by every chunk
+    images = {f.index: _image(trace.boxes[f.index] if f.kind == "relu" else box, f)
+              for f in frames if f.kind in ("relu", "input")}
     out: List[Tensor] = []
     for r0 in range(0, rows.numel(), chunk):
         r, sign = rows[r0:r0 + chunk], signs[r0:r0 + chunk].to(mu.dtype)
@@ -235,12 +244,11 @@ def patch_neuron_bounds(graph: BoundGraph, trace: Trace, node: Node, rows: Tenso
         patch = patch.view(1, r.numel(), 1, 1, channels)
         const = mu.new_zeros(batch, r.numel())
         for frame, below in zip(frames, frames[1:]):
-            patch, const = _through(graph.nodes[frame.index], frame, below, patch, const, trace, dtype,
-                                    (height, width), ys, xs)
+            patch, const = _through(graph.nodes[frame.index], frame, below, patch, const, trace, dtype, images, ys, xs)
         if last.kind == "input":
-            mu_w, rad_w = (_gather(t, last, (height, width), ys, xs) for t in box)
+            mu_w, rad_w = _gather(images[last.index], last, ys, xs).view((2, batch) + patch.shape[1:]).unbind(0)
             out.append(const + (patch * mu_w).sum((2, 3, 4)) - (patch.abs() * rad_w).sum((2, 3, 4)))
         else:
-            A = _to_dense(patch.expand((batch,) + patch.shape[1:]), last, (height, width), ys, xs)
+            A = _to_dense(patch.expand((batch,) + patch.shape[1:]), last, ys, xs)
             out.append(_crown_bound(graph, trace, A, const, box, last.index, dtype))
     return torch.cat(out, 1)
