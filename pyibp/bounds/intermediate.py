@@ -13,7 +13,8 @@ Only the neurons the cheaper bound leaves open are bounded: for a ReLU, those wh
 0 in some example of the batch (a stable ReLU's relaxation is exact); for the other activations and
 MaxPool, every neuron. A node that depends on the input through one Linear or Conv and elementwise
 affine maps only is skipped: there IBP's centre-radius form is already exact. Rows run in chunks
-that keep every coefficient tensor under a memory budget.
+that keep every coefficient tensor under a memory budget; the rows of a convolution's neurons carry
+only their receptive fields (:mod:`pyibp.bounds.patches`) as far as the graph allows.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .coefficients import rows_per_chunk
 from .crown import _crown_bound
 from .graph import BoundGraph, Node, linear_params
 from .ibp import Trace, _param, propagate
+from .patches import patch_neuron_bounds
 
 __all__ = ["crown_trace"]
 
@@ -48,9 +50,14 @@ def _neuron_bounds(graph: BoundGraph, trace: Trace, node: Node, index: Tensor, b
         # rows of a Linear start at its input: ±W[i] with the constant ±b[i] (no product with e_i)
         weight, bias = (_param(t, dtype) for t in linear_params(node, trace.constants))
         start = node.inputs[0]
-    chunk = rows_per_chunk(mu, batch * _largest(trace, node.index), 2 * count)
     rows = torch.cat([index, index])
     signs = torch.cat([mu.new_ones(count), -mu.new_ones(count)])
+    if weight is None:
+        # rows of an image's neurons: patches over their receptive fields where the graph allows
+        bounds = patch_neuron_bounds(graph, trace, node, rows, signs, box, dtype)
+        if bounds is not None:
+            return bounds
+    chunk = rows_per_chunk(mu, batch * _largest(trace, node.index), 2 * count)
     out: List[Tensor] = []
     for r0 in range(0, 2 * count, chunk):
         r, sign = rows[r0:r0 + chunk], signs[r0:r0 + chunk]
