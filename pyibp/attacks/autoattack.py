@@ -184,7 +184,8 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
         ev = Evaluator(model)
         with torch.no_grad():
             logits = [ev.logits(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, B, batch_size)]
-        robust = torch.cat(logits).argmax(1) == y if B else torch.zeros(0, dtype=torch.bool, device=x.device)
+        clean = torch.cat(logits) if B else None      # the clean logits, computed once (APGD-T, FAB-T rank targets by them)
+        robust = clean.argmax(1) == y if B else torch.zeros(0, dtype=torch.bool, device=x.device)
         classes = logits[0].shape[1] if B else 0
         if B:
             _check_classes(names, classes)
@@ -208,8 +209,8 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
 
             broken = 0
             for rows in chunks:
-                found = _run(setting, ev, x[rows], y[rows], take(eps_t, rows), domain.take(rows), norm, steps,
-                             n_queries, generator, tick)
+                found = _run(setting, ev, x[rows], y[rows], take(eps_t, rows), domain.take(rows), clean[rows], norm,
+                             steps, n_queries, generator, tick)
                 with torch.no_grad():
                     wrong = ev.logits(x[rows] + found, y[rows]).argmax(1) != y[rows]
                 delta[rows[wrong]], robust[rows[wrong]] = found[wrong], False
@@ -247,22 +248,24 @@ def _certified(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, domain: Doma
     return verified, how
 
 
-def _run(setting: Dict[str, object], ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain, norm: str,
-         steps: int, n_queries: int, generator: torch.Generator, tick: Callable[[int], None]) -> Tensor:
+def _run(setting: Dict[str, object], ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain,
+         clean_logits: Tensor, norm: str, steps: int, n_queries: int, generator: torch.Generator,
+         tick: Callable[[int], None]) -> Tensor:
     kind = setting["kind"]
     if kind == "apgd":
         ev.eot = int(setting["eot"])
         try:
             delta, _ = run_apgd(ev, x, y, eps, domain, norm=norm, loss=str(setting["loss"]),
                                 targeted=bool(setting["targeted"]), n_target_classes=TARGETS, steps=steps,
-                                restarts=int(setting["restarts"]), generator=generator, tick=tick)
+                                restarts=int(setting["restarts"]), generator=generator, tick=tick,
+                                clean_logits=clean_logits)
         finally:
             ev.eot = 1
         return delta
     if kind == "fab":
         delta, _ = run_fab(ev, x, y, eps, domain, norm=norm, targeted=bool(setting["targeted"]),
                            n_target_classes=TARGETS, steps=steps, restarts=int(setting["restarts"]),
-                           generator=generator, tick=tick)
+                           generator=generator, tick=tick, clean_logits=clean_logits)
         return delta
     delta, _ = run_square(ev, x, y, eps, domain, norm=norm, n_queries=n_queries, p_init=0.8, loss="margin",
                           generator=generator, tick=tick)
