@@ -127,7 +127,9 @@ def _run_once(ev: Evaluator, x: Tensor, y: Tensor, target: Optional[Tensor], eps
         update(s.delta, s.previous, s.grad, s.x, s.eps, s.step, 1.0 if i == 0 else MOMENTUM, s.lower, s.upper)
         s.grad, logits, value = ev.grad(s.x, s.delta, s.y, loss, s.target)
         improved = value > s.best_loss
-        s.best[improved], s.best_grad[improved] = s.delta[improved], s.grad[improved]
+        # torch.where, not a masked copy: no host synchronisation on an accelerator
+        s.best = torch.where(per_example_view(improved, s.x), s.delta, s.best)
+        s.best_grad = torch.where(per_example_view(improved, s.x), s.grad, s.best_grad)
         s.best_loss = torch.where(improved, value, s.best_loss)
         s.history[i + 1] = value
         if i + 1 in checkpoints:
