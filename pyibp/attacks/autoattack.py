@@ -11,7 +11,10 @@ Versions, as in the original (fra31/auto-attack):
   (expectation over transformation).
 
 Each attack runs only on the examples every earlier attack left correctly classified, and a
-perturbation counts only if the model misclassifies ``x + delta`` when checked afterwards.
+perturbation counts only if the model misclassifies ``x + delta`` when checked afterwards. Inside
+each attack an example leaves the batch as soon as it is broken; the runs of APGD-T and FAB-T (one
+per target) share one batch on accelerators, where a step of 9 x B rows costs about what one of B
+rows does, and go one after the other on the CPU, where the cost grows with the rows.
 
 Before the cascade, pyibp certifies what it can (``skip_verified``, on by default): an example
 whose sound IBP or CROWN-IBP margin bounds (:mod:`pyibp.bounds.sound`: bounds of the network in
@@ -145,7 +148,9 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
         lower, upper: the input domain, as in :func:`pyibp.pgd`.
         seed: seeds one generator per attack (the global RNG is not touched), so results repeat.
         batch_size: examples per attack call (memory; results do not depend on it up to the
-            random draws).
+            random draws). On an accelerator APGD-T and FAB-T run their 9 targets as one batch,
+            9 x batch_size rows (on the CPU one target after the other, on the examples still
+            robust): lower batch_size if memory runs short.
         steps, n_queries: iterations of each APGD and FAB run, and Square's queries: the
             original's 100 and 5000 unless changed (fewer only for a quick look: it is then not AutoAttack).
         progress: called as ``progress(attack, done, total)`` after each step or query, with
