@@ -189,7 +189,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, norm: str = 
         ev = Evaluator(model)
         with torch.no_grad():
             logits = [ev.logits(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, B, batch_size)]
-        clean = torch.cat(logits) if B else None      # the clean logits, computed once (APGD-T, FAB-T rank targets by them)
+        clean = torch.cat(logits) if B else None      # computed once: APGD-T, FAB-T rank their targets by them
         robust = clean.argmax(1) == y if B else torch.zeros(0, dtype=torch.bool, device=x.device)
         classes = logits[0].shape[1] if B else 0
         if B:
