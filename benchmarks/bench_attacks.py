@@ -415,7 +415,8 @@ def print_autoattack(r: Dict[str, object]) -> None:
     original, full = r["runs"].get("original"), r["runs"].get("pyibp (all attacked)")
     print("  per attack, CPU seconds of this process (the machine may be shared):")
     print(f"  {'attack':<9}{'attacked':>9}{'broken':>8}{'pyibp s':>9}{'floor s':>9}{'pyibp/floor':>12}"
-          + (f"{'all attacked s':>15}" if full else "") + (f"{'original s':>12}{'original/pyibp':>16}" if original else ""))
+          + (f"{'all attacked s':>15}" if full else "")
+          + (f"{'original s':>12}{'original/pyibp':>16}" if original else ""))
     for i, a in enumerate(ours["per_attack"]):
         floor = r["floor_seconds"][a["name"]]
         line = (f"  {a['name']:<9}{a['attacked']:>9}{a['broken']:>8}{a['seconds']:>9.1f}{floor:>9.1f}"
