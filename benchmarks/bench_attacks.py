@@ -419,13 +419,14 @@ def print_autoattack(r: Dict[str, object]) -> None:
           + (f"{'original s':>12}{'original/pyibp':>16}" if original else ""))
     for i, a in enumerate(ours["per_attack"]):
         floor = r["floor_seconds"][a["name"]]
-        line = (f"  {a['name']:<9}{a['attacked']:>9}{a['broken']:>8}{a['seconds']:>9.1f}{floor:>9.1f}"
-                f"{(a['seconds'] / floor if floor else float('nan')):>12.2f}")
+        of_floor = f"{a['seconds'] / floor:.2f}" if floor else "-"      # "-": nothing attacked
+        line = f"  {a['name']:<9}{a['attacked']:>9}{a['broken']:>8}{a['seconds']:>9.1f}{floor:>9.1f}{of_floor:>12}"
         if full:
             line += f"{full['per_attack'][i]['seconds']:>15.1f}"
         if original:
             theirs = original["per_attack_cpu_seconds"].get(a["name"], 0.0)
-            line += f"{theirs:>12.1f}{(theirs / a['seconds'] if a['seconds'] else float('nan')):>16.2f}"
+            ratio = f"{theirs / a['seconds']:.2f}" if a["attacked"] and a["seconds"] else "-"   # nothing to attack
+            line += f"{theirs:>12.1f}{ratio:>16}"
         print(line)
     if "ratios" in r:
         print("  " + ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items()))
