@@ -18,7 +18,7 @@ that keep every coefficient tensor under a memory budget.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -92,7 +92,7 @@ def _tighten(graph: BoundGraph, trace: Trace, node: Node, value: Any, backend, b
 
 
 def crown_trace(graph: BoundGraph, box: Pair, backend, dtype: Optional[torch.dtype], stop: int,
-                known: Optional[Dict[int, Pair]] = None) -> Tuple[Trace, List[Any]]:
+                known: Optional[Dict[int, Pair]] = None, fixed: Collection[int] = ()) -> Tuple[Trace, List[Any]]:
     """One IBP walk over the nodes before ``stop`` with CROWN's bounds in front of every activation.
 
     Args:
@@ -102,6 +102,8 @@ def crown_trace(graph: BoundGraph, box: Pair, backend, dtype: Optional[torch.dty
             node's value (e.g. a branch and bound's ReLU splits: ``lower = 0`` for a neuron fixed
             active, ``upper = 0`` for one fixed inactive); the node's box is intersected with them
             before anything reads it.
+        fixed: nodes of ``known`` whose bounds are already CROWN's on this box (e.g. a branch and
+            bound's boxes before its newest split): no backward pass is run for them.
     Returns:
         ``(trace, env)``: the :class:`~pyibp.bounds.ibp.Trace` of the walk (the refined boxes in
         front of every ReLU, activation and MaxPool), and the value of every node as
@@ -124,7 +126,7 @@ def crown_trace(graph: BoundGraph, box: Pair, backend, dtype: Optional[torch.dty
             low, up = known[node.index]
             lower, upper = torch.fmax(lower, low), torch.fmin(upper, up)
             value = backend.from_bounds(torch.minimum(lower, upper), upper)
-        if node.index not in needs:
+        if node.index not in needs or node.index in fixed:
             return value
         return _tighten(graph, trace, node, value, backend, box, dtype, needs[node.index])
 

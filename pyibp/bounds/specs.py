@@ -16,7 +16,7 @@ computes on the way (all are sound), so ``alpha-crown >= crown >= crown-ibp >= i
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Collection, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -87,14 +87,15 @@ def _elided(A: Tensor, const: Tensor, state: Pair) -> Tensor:
 
 
 def _walk(graph: BoundGraph, box: Pair, backend, dtype: Optional[torch.dtype], refine: bool,
-          trace: Optional[Trace], known: Optional[Dict[int, Pair]] = None) -> Tuple[Optional[Trace], List[Any]]:
+          trace: Optional[Trace], known: Optional[Dict[int, Pair]] = None, fixed: Collection[int] = ()
+          ) -> Tuple[Optional[Trace], List[Any]]:
     """The forward walk up to the final Linear (or past the logits when its input is not flat).
-    ``known``: bounds of node values that hold on the box (see :func:`~pyibp.bounds.intermediate.crown_trace`),
-    with ``refine`` only."""
+    ``known``, ``fixed``: bounds of node values that hold on the box, and those already final (see
+    :func:`~pyibp.bounds.intermediate.crown_trace`), with ``refine`` only."""
     stops = [graph.last_linear, graph.logits + 1] if graph.last_linear is not None else [graph.logits + 1]
     for stop in stops:
         if refine:
-            trace, env = crown_trace(graph, box, backend, dtype, stop, known)
+            trace, env = crown_trace(graph, box, backend, dtype, stop, known, fixed)
         else:
             env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=stop)
         if stop != graph.last_linear or env[graph.nodes[stop].inputs[0]][0].dim() == 2:
