@@ -203,7 +203,7 @@ class _Problem:
             with torch.no_grad():
                 first_new = int(doms.since.min())
                 fixed = [p for p in self.split_nodes if p <= first_new]
-                trace, env = _walk(self.graph, (mu, rad), self.backend, None, True, None, known, fixed)
+                trace, env = _walk(self.graph, (mu, rad), self.backend, None, True, None, known, fixed, deadline)
                 start, A, const = _start(self.graph, env, self.C.expand(n, -1, -1), -self.d.expand(n, -1), None)
                 crown = torch.nan_to_num(_crown_bound(self.graph, trace, A, const, (mu, rad), start, None),
                                          nan=-math.inf)
@@ -324,8 +324,9 @@ def relu_split_bab(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d:
         model: an nn.Module :func:`pyibp.bounds.graph.bound_graph` captures, in eval mode.
         lower, upper: (1, *input shape), or (*input shape) when its first dimension is not 1: one box.
         C: (R, K) rows over the K flattened outputs.  d: (R,).
-        deadline: the ``time.monotonic()`` value to stop by (a round in progress stops its
-            optimisation there; the next one does not start when it would end after it).
+        deadline: the ``time.monotonic()`` value to stop by: a round in progress stops there
+            (between two backward passes), and the next one does not start when it would likely
+            end after it.
         device: where to compute (the model is copied there when it lives elsewhere); default the model's.
         sound: bounds in sound arithmetic; not offered by alpha/beta-CROWN yet (ValueError).
         batch_size: domains bounded per round (two children of each of ``batch_size // 2`` parents).
@@ -370,7 +371,10 @@ def relu_split_bab(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d:
         # closes domains where each row alone can be negative but not all at once
         C, d = torch.cat([C, C.mean(0, keepdim=True)]), torch.cat([d, d.mean(0, keepdim=True)])
     problem = _Problem(model, lower, upper, C, d)
-    fresh, corners = problem.bound(problem.root(), _ROOT_OPTIONS, deadline)
+    try:
+        fresh, corners = problem.bound(problem.root(), _ROOT_OPTIONS, deadline)
+    except TimeoutError:
+        return outcome("timeout", None, 0, -math.inf, "the deadline, during the whole box's bound")
     queue = fresh.take(fresh.branch.new_zeros(0))
     count, stuck, closed_floor, last_round = 1, 0, math.inf, 0.0
     while True:
@@ -405,7 +409,11 @@ def relu_split_bab(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d:
         take = min(len(queue), batch_size // 2)
         # while the queue is short, several splits per domain fill the batch
         levels = max(1, min(_CANDIDATES, int(math.log2(batch_size / take))))
-        parents, queue = queue.take(order[:take]), queue.take(order[take:])
-        fresh, corners = problem.bound(problem.children(parents, levels), _ROUND_OPTIONS, deadline)
+        parents, rest = queue.take(order[:take]), queue.take(order[take:])
+        try:
+            fresh, corners = problem.bound(problem.children(parents, levels), _ROUND_OPTIONS, deadline)
+        except TimeoutError:
+            return outcome("timeout", None, count, floor, "the deadline")
+        queue = rest
         count += len(fresh)
         last_round = time.monotonic() - round_began
