@@ -49,6 +49,7 @@ STATUSES = ("unsat", "sat", "timeout", "unknown")
 # rate solved 4 hard MNIST-MLP properties in 18 s where 20 steps at (0.1, 0.05) took 25 s
 _ROOT_OPTIONS = AlphaOptions(steps=30, lr=0.1, lr_decay=0.98, beta_lr=0.05)
 _ROUND_OPTIONS = AlphaOptions(steps=10, lr=0.2, lr_decay=0.98, beta_lr=0.1)
+_FINAL_OPTIONS = AlphaOptions(steps=100, lr=0.2, lr_decay=0.98, beta_lr=0.1)
 # slopes and multipliers are kept in half precision: any slope in [0, 1] and any multiplier >= 0 is
 # sound, so rounding costs only a little warm start, and the queue takes half the memory
 _STORE = torch.float16
@@ -393,7 +394,13 @@ def relu_split_bab(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d:
                 return outcome("sat", found, count, float(best_row.min()), "near the minimiser of a domain's bound")
         fresh = fresh.take(open_)
         dead = fresh.branch[:, 0] < 0           # every ReLU fixed, and still open
-        stuck += int(dead.sum())
+        if bool(dead.any()):
+            # no split left: the multipliers get a longer optimisation (its limit is the LP's bound)
+            try:
+                again, _ = problem.bound(fresh.take(dead.nonzero()[:, 0]), _FINAL_OPTIONS, deadline)
+            except TimeoutError:
+                return outcome("timeout", None, count, float(best_row.min()), "the deadline")
+            stuck += int((again.bounds.amax(1) <= 0).sum())
         queue = _Domains.cat([queue, fresh.take((~dead).nonzero()[:, 0])])
         floor = float(queue.bounds.amax(1).min()) if len(queue) else closed_floor
         if len(queue) == 0:
