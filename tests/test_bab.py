@@ -41,13 +41,13 @@ def assert_not_wrong(model: nn.Module, C: torch.Tensor, d: torch.Tensor, out: Ba
         assert out.x is None
 
 
-@pytest.mark.parametrize("seed", [0, 2])
-def test_unsat_where_alpha_crown_alone_cannot_decide(seed):
+@pytest.mark.parametrize("seed,intermediate", [(0, False), (2, False), (0, True)])
+def test_unsat_where_alpha_crown_alone_cannot_decide(seed, intermediate):
     model, C = mlp(seed), torch.tensor([[1.0, -1.0]])
     v = rows_on_grid(model, C)
     d = v.min(0).values - 0.05 * (v.max() - v.min())
     assert float(spec_bounds(model, LOWER, UPPER, C, -d, method="alpha-crown")) < 0
-    out = relu_split_bab(model, LOWER, UPPER, C, d, deadline=time.monotonic() + 30)
+    out = relu_split_bab(model, LOWER, UPPER, C, d, deadline=time.monotonic() + 30, intermediate=intermediate)
     assert out.status == "unsat" and out.domains > 1 and out.bound > 0
     assert_not_wrong(model, C, d, out)
 

@@ -10,8 +10,9 @@ The question: is there an input x in the box ``[lower, upper]`` with ``C f(x) <=
 Each round bounds many domains at once, one per batch entry:
 
 * the splits clamp the boxes in front of their ReLUs (active: ``l = max(l, 0)``, inactive:
-  ``u = min(u, 0)``; the parent's boxes, valid on the child, are intersected too) and CROWN's
-  intermediate bounds are recomputed from there (:func:`pyibp.bounds.intermediate.crown_trace`);
+  ``u = min(u, 0)``), intersected with the parent's boxes (valid on the child) and IBP's
+  (:func:`pyibp.bounds.intermediate.crown_trace`'s ``known``); with ``intermediate=True`` CROWN's
+  boxes after the newest split are recomputed too (the earlier ones cannot change);
 * the rows are bounded by alpha-CROWN with the split constraints as Lagrangian terms ``-beta s z_j``
   (:func:`pyibp.bounds.alpha.optimize_bound`), slopes and multipliers warm-started from the parent;
 * an open domain is split on the unstable neuron whose upper relaxation costs its best row the most
@@ -158,12 +159,13 @@ class _Domains:
 class _Problem:
     """The graph, box and rows of one property, and the bound of a batch of domains."""
 
-    def __init__(self, model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d: Tensor):
+    def __init__(self, model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d: Tensor, intermediate: bool):
         self.graph: BoundGraph = bound_graph(model)
         self.lower, self.upper, self.C, self.d = lower, upper, C, d
         self.box = ops.interval_to_center(lower, upper)
         self.backend = _ChannelsLastBackend()
         self.rows = C.shape[0]
+        self.intermediate = intermediate
         # the ReLUs before the specification's start node, and the nodes they read (the split nodes)
         trace, env = _walk(self.graph, self.box, self.backend, None, False, Trace())
         self.start = _start(self.graph, env, C[None], -d[None], None)[0]
@@ -203,6 +205,8 @@ class _Problem:
         with _full_precision(mu):
             with torch.no_grad():
                 first_new = int(doms.since.min())
+                if not self.intermediate and first_new > 0:     # below the root: the parents' boxes
+                    first_new = len(self.graph.nodes)
                 fixed = [p for p in self.split_nodes if p <= first_new]
                 trace, env = _walk(self.graph, (mu, rad), self.backend, None, True, None, known, fixed, deadline)
                 start, A, const = _start(self.graph, env, self.C.expand(n, -1, -1), -self.d.expand(n, -1), None)
@@ -317,7 +321,7 @@ def _check_args(lower: Tensor, upper: Tensor, C: Tensor, d: Tensor, deadline: fl
 
 def relu_split_bab(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d: Tensor, *, deadline: float,
                    device: Optional[torch.device] = None, sound: bool = False, batch_size: int = 256,
-                   max_domains: int = 20000) -> BabOutcome:
+                   max_domains: int = 20000, intermediate: bool = False) -> BabOutcome:
     """Decides whether some x in the box ``[lower, upper]`` has ``C f(x) <= d`` on every row, by
     branch and bound over ReLU splits with beta-CROWN bounds (see the module docstring).
 
@@ -332,6 +336,11 @@ def relu_split_bab(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d:
         sound: bounds in sound arithmetic; not offered by alpha/beta-CROWN yet (ValueError).
         batch_size: domains bounded per round (two children of each of ``batch_size // 2`` parents).
         max_domains: the largest queue of open domains; beyond it the search ends in ``"unknown"``.
+        intermediate: recompute CROWN's boxes in front of the ReLUs after the newest split of each
+            domain (tighter domains, each costlier); by default a domain keeps its parent's boxes,
+            clamped by its splits and intersected with IBP's (as alpha,beta-CROWN's fixed
+            intermediate bounds): on MNIST MLPs about twice the domains per second, and tighter
+            bounds within a time limit.
     Returns:
         :class:`BabOutcome`; ``x`` (the input's shape as given) when ``status == "sat"``.
 
@@ -371,7 +380,7 @@ def relu_split_bab(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d:
         # the mean of the rows is <= 0 wherever every row is: one more row to prove > 0, which
         # closes domains where each row alone can be negative but not all at once
         C, d = torch.cat([C, C.mean(0, keepdim=True)]), torch.cat([d, d.mean(0, keepdim=True)])
-    problem = _Problem(model, lower, upper, C, d)
+    problem = _Problem(model, lower, upper, C, d, intermediate)
     try:
         fresh, corners = problem.bound(problem.root(), _ROOT_OPTIONS, deadline)
     except TimeoutError:
