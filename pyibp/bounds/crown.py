@@ -188,12 +188,13 @@ def _back_maxpool(A: Tensor, const: Tensor, layer: nn.MaxPool2d, lower: Tensor, 
 # ---------------------------------------------------------------------------------------------
 # the walker
 def _backward(graph: BoundGraph, trace: Trace, A: Tensor, const: Tensor, start: int,
-              dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+              dtype: Optional[torch.dtype], arrived: Optional[Dict[int, Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """Pushes ``A z + const`` (z: the value of node ``start``) back to the graph's input, node by
     node in reverse topological order; a node used twice receives the sum of its users' A.
 
     Returns ``(Λ, c)`` with ``A z + const >= Λ x + c`` for every input x of the box the trace's
-    IBP boxes were computed on.
+    IBP boxes were computed on. ``arrived``: when given, filled with the coefficients (B, R, *shape)
+    that reach each ReLU node (branch and bound's branching scores read them).
     """
     nodes = graph.nodes
     pending: Dict[int, Tensor] = {start: A}
@@ -206,6 +207,8 @@ def _backward(graph: BoundGraph, trace: Trace, A: Tensor, const: Tensor, start: 
         if extra is not None:           # a Lagrangian term on this node's value (beta-CROWN's splits)
             A = A + extra
         node = nodes[i]
+        if arrived is not None and node.kind == "relu":
+            arrived[i] = A
         if node.kind == "input":
             lam = A
             continue

@@ -19,7 +19,8 @@ only their receptive fields (:mod:`pyibp.bounds.patches`) as far as the graph al
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+import time
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -40,7 +41,7 @@ def _largest(trace: Trace, upto: int) -> int:
 
 
 def _neuron_bounds(graph: BoundGraph, trace: Trace, node: Node, index: Tensor, box: Pair,
-                   dtype: Optional[torch.dtype]) -> Tensor:
+                   dtype: Optional[torch.dtype], deadline: Optional[float] = None) -> Tensor:
     """(B, 2U): CROWN lower bounds of ``z_i`` then of ``-z_i`` for the U flat neurons ``index`` of node's value."""
     mu = box[0]
     batch, count = mu.shape[0], index.numel()
@@ -69,12 +70,14 @@ def _neuron_bounds(graph: BoundGraph, trace: Trace, node: Node, index: Tensor, b
             A[:, torch.arange(r.numel(), device=mu.device), r] = sign
             A = A.view((batch, r.numel()) + shape)
             const = mu.new_zeros(batch, r.numel())
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"CROWN's intermediate bounds passed the deadline at node {node.describe()}")
         out.append(_crown_bound(graph, trace, A, const, box, start, dtype))
     return torch.cat(out, 1)
 
 
 def _tighten(graph: BoundGraph, trace: Trace, node: Node, value: Any, backend, box: Pair,
-             dtype: Optional[torch.dtype], every: bool) -> Any:
+             dtype: Optional[torch.dtype], every: bool, deadline: Optional[float]) -> Any:
     lower, upper = backend.bounds(value)
     batch = lower.shape[0]
     low, up = lower.reshape(batch, -1), upper.reshape(batch, -1)
@@ -84,7 +87,7 @@ def _tighten(graph: BoundGraph, trace: Trace, node: Node, value: Any, backend, b
         index = ((low < 0) & (up > 0)).any(0).nonzero()[:, 0]
     if index.numel() == 0 or batch == 0:
         return value
-    bounds = _neuron_bounds(graph, trace, node, index, box, dtype)
+    bounds = _neuron_bounds(graph, trace, node, index, box, dtype, deadline)
     count = index.numel()
     low_i, up_i = low[:, index], up[:, index]
     # fmax/fmin: a NaN bound (overflow) leaves IBP's
@@ -99,7 +102,8 @@ def _tighten(graph: BoundGraph, trace: Trace, node: Node, value: Any, backend, b
 
 
 def crown_trace(graph: BoundGraph, box: Pair, backend, dtype: Optional[torch.dtype], stop: int,
-                known: Optional[Dict[int, Pair]] = None) -> Tuple[Trace, List[Any]]:
+                known: Optional[Dict[int, Pair]] = None, fixed: Collection[int] = (),
+                deadline: Optional[float] = None) -> Tuple[Trace, List[Any]]:
     """One IBP walk over the nodes before ``stop`` with CROWN's bounds in front of every activation.
 
     Args:
@@ -109,6 +113,9 @@ def crown_trace(graph: BoundGraph, box: Pair, backend, dtype: Optional[torch.dty
             node's value (e.g. a branch and bound's ReLU splits: ``lower = 0`` for a neuron fixed
             active, ``upper = 0`` for one fixed inactive); the node's box is intersected with them
             before anything reads it.
+        fixed: nodes of ``known`` whose bounds are already CROWN's on this box (e.g. a branch and
+            bound's boxes before its newest split): no backward pass is run for them.
+        deadline: a ``time.monotonic()`` value; TimeoutError when a backward pass would start after it.
     Returns:
         ``(trace, env)``: the :class:`~pyibp.bounds.ibp.Trace` of the walk (the refined boxes in
         front of every ReLU, activation and MaxPool), and the value of every node as
@@ -131,9 +138,9 @@ def crown_trace(graph: BoundGraph, box: Pair, backend, dtype: Optional[torch.dty
             low, up = known[node.index]
             lower, upper = torch.fmax(lower, low), torch.fmin(upper, up)
             value = backend.from_bounds(torch.minimum(lower, upper), upper)
-        if node.index not in needs:
+        if node.index not in needs or node.index in fixed:
             return value
-        return _tighten(graph, trace, node, value, backend, box, dtype, needs[node.index])
+        return _tighten(graph, trace, node, value, backend, box, dtype, needs[node.index], deadline)
 
     env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=stop, refine=refine)
     return trace, env

@@ -16,7 +16,7 @@ computes on the way (all are sound), so ``alpha-crown >= crown >= crown-ibp >= i
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Collection, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -87,12 +87,15 @@ def _elided(A: Tensor, const: Tensor, state: Pair) -> Tensor:
 
 
 def _walk(graph: BoundGraph, box: Pair, backend, dtype: Optional[torch.dtype], refine: bool,
-          trace: Optional[Trace]) -> Tuple[Optional[Trace], List[Any]]:
-    """The forward walk up to the final Linear (or past the logits when its input is not flat)."""
+          trace: Optional[Trace], known: Optional[Dict[int, Pair]] = None, fixed: Collection[int] = (),
+          deadline: Optional[float] = None) -> Tuple[Optional[Trace], List[Any]]:
+    """The forward walk up to the final Linear (or past the logits when its input is not flat).
+    ``known``, ``fixed``, ``deadline``: bounds of node values that hold on the box, those already
+    final, and when to give up (see :func:`~pyibp.bounds.intermediate.crown_trace`), with ``refine`` only."""
     stops = [graph.last_linear, graph.logits + 1] if graph.last_linear is not None else [graph.logits + 1]
     for stop in stops:
         if refine:
-            trace, env = crown_trace(graph, box, backend, dtype, stop)
+            trace, env = crown_trace(graph, box, backend, dtype, stop, known, fixed, deadline)
         else:
             env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=stop)
         if stop != graph.last_linear or env[graph.nodes[stop].inputs[0]][0].dim() == 2:
