@@ -30,8 +30,9 @@ def _box(lam, const, lo, hi):
 
 
 def dense_crown(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lower=0.0, upper=1.0):
-    """(B, K) CROWN margins: every pre-activation box by its own backward pass (over the relaxations
-    of the boxes before it), intersected with the IBP box propagated from the refined boxes; the
+    """(B, K) CROWN margins: every box an activation reads (a ReLU's output too, when a MaxPool reads
+    it) by its own backward pass (over the relaxations of the boxes before it), intersected with the
+    IBP box propagated from the refined boxes; the
     margins by one more pass, and their maximum with the CROWN-IBP and IBP margins."""
     ops, _ = _dense_ops(_leaves(model.double()), tuple(x.shape[1:]))
     assert all(op[0] in ("affine", "relu", "maxpool") for op in ops)
@@ -41,8 +42,8 @@ def dense_crown(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
         hi0 = (xi + eps).clamp(max=upper).flatten()
         records, lo, hi = [], lo0, hi0
         for k, op in enumerate(ops[:-1]):
-            if op[0] == "affine":
-                lo, hi = _ibp([op], lo, hi, [])
+            lo, hi = _ibp([op], lo, hi, [] if op[0] == "affine" else records)
+            if op[0] != "maxpool":
                 if ops[k + 1][0] in ("relu", "maxpool"):
                     n = lo.numel()
                     eye = torch.eye(n, dtype=torch.float64)
@@ -53,8 +54,6 @@ def dense_crown(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
                     keep = ((lo < 0) & (hi > 0)) if ops[k + 1][0] == "relu" else torch.ones_like(lo, dtype=torch.bool)
                     lo, hi = torch.where(keep, torch.maximum(lo, low), lo), torch.where(keep, torch.minimum(hi, up), hi)
                     lo = torch.minimum(lo, hi)
-            else:
-                lo, hi = _ibp([op], lo, hi, records)
         _, W, b = ops[-1]
         K = W.shape[0]
         C = torch.zeros(K, K, dtype=torch.float64)

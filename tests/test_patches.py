@@ -76,11 +76,11 @@ def test_patch_bounds_equal_dense_bounds_of_every_neuron(name, monkeypatch):
     neuron_bounds, patch_bounds = intermediate._neuron_bounds, intermediate.patch_neuron_bounds
     compared, used = [], []
 
-    def both(graph, trace, node, index, box, dtype):
-        bounds = neuron_bounds(graph, trace, node, index, box, dtype)
+    def both(graph, trace, node, index, box, dtype, deadline=None):
+        bounds = neuron_bounds(graph, trace, node, index, box, dtype, deadline)
         with monkeypatch.context() as m:
             _dense(m)
-            dense = neuron_bounds(graph, trace, node, index, box, dtype)
+            dense = neuron_bounds(graph, trace, node, index, box, dtype, deadline)
         compared.append(index.numel())
         torch.testing.assert_close(bounds, dense, rtol=0, atol=1e-9)
         return bounds
