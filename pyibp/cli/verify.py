@@ -49,8 +49,9 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
         return _instances(args, out, device)
     if args.onnx is None or args.vnnlib is None:
         raise CLIError("give NET.onnx and SPEC.vnnlib (or --instances CSV)")
+    start = time.monotonic()
     model, prop = _problem(args.onnx, args.vnnlib, {})
-    outcome = _verify(args.onnx, model, prop, args.timeout or 60.0, device, args)
+    outcome = _verify(args.onnx, model, prop, _budget(args.timeout or 60.0, start), device, args)
     if args.results is not None:
         from ..verify.results import write_results
         write_results(args.results, outcome)
@@ -79,6 +80,11 @@ def _problem(onnx_path: str, vnnlib_path: str, models: Dict[str, Any]):
     if prop.num_outputs is not None and prop.num_outputs != outputs:
         raise CLIError(f"{vnnlib_path} declares {prop.num_outputs} outputs Y_j but {onnx_path} has {outputs}")
     return model, prop
+
+
+def _budget(timeout: float, start: float) -> float:
+    """What is left of ``timeout`` after reading the inputs (the timeout covers the whole instance)."""
+    return max(timeout - (time.monotonic() - start), 0.05)
 
 
 def _verify(onnx_path: str, model, prop, timeout: float, device, args):
@@ -150,7 +156,7 @@ def _instances(args: argparse.Namespace, out: Output, device) -> int:
             record: Dict[str, Any] = {"onnx": onnx_name, "vnnlib": vnnlib_name, "timeout": timeout, "error": ""}
             try:
                 model, prop = _problem(onnx_path, vnnlib_path, models)
-                outcome = _verify(onnx_path, model, prop, timeout, device, args)
+                outcome = _verify(onnx_path, model, prop, _budget(timeout, start), device, args)
                 record.update(status=outcome.status, seconds=round(outcome.seconds, 3))
             except (CLIError, ValueError, FileNotFoundError) as err:
                 errors += 1

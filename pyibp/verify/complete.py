@@ -239,7 +239,8 @@ def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, 
         timeout: seconds for the whole call (honoured to within a bound call or a falsifier step).
         device: where to compute (default the model's).  sound: sound bounds for ``unsat``.
         method: the bounding method passed to ``pyibp.bounds.spec_bounds`` (IBP without it).
-        falsify_fraction: the share of the timeout the first falsifier run may use (at most 10 s).
+        falsify_fraction: the share of the timeout each falsifier run may use (at most 10 s): one
+            before the bounds, one after branch and bound when it left subproblems undecided.
         batch: subdomains bounded per call in input splitting.  max_domains: the queue's cap.
     Returns:
         a :class:`VerificationOutcome`.
@@ -281,8 +282,8 @@ def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, 
             break
     run.stats["bab_seconds"] = time.monotonic() - bab_start
     if any(s != "unsat" for s in statuses) and run.left() > 0:
-        # undecided by the bounds: the rest of the time goes to looking for a counterexample
-        cex = run.falsify(run.left())
+        # undecided by the bounds: a second, equal share of the time goes to looking for a counterexample
+        cex = run.falsify(min(falsify_fraction * timeout, 10.0))
         if cex is not None:
             return done("sat", cex)
     if all(s == "unsat" for s in statuses):
