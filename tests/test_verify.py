@@ -251,3 +251,16 @@ def test_export_round_trip(capsys, tmp_path):
     assert torch.equal(prop.cases[0].upper, expected.cases[0].upper)
     assert [cj.C.tolist() for cj in prop.cases[0].conjunctions] == [cj.C.tolist()
                                                                     for cj in expected.cases[0].conjunctions]
+
+
+def test_a_network_pyibp_cannot_bound_is_unknown_or_sat():
+    """torch.sin has no bound rule: the bounds step fails by name, the falsifier still runs."""
+    class Sine(nn.Module):
+        def forward(self, x):
+            return torch.cat([torch.sin(x), -torch.sin(x)], 1)
+
+    prop = robustness_property(torch.tensor([0.5]), 0, 0.01, num_classes=2, lower=-1.0, upper=1.0)
+    out = complete_verify(Sine(), prop, timeout=1, falsify_fraction=0.1)
+    assert out.status == "unknown" and "sin" in out.stats["bound_error"]
+    unsafe = robustness_property(torch.tensor([0.0]), 0, 0.5, num_classes=2, lower=-1.0, upper=1.0)
+    assert complete_verify(Sine(), unsafe, timeout=1).status == "sat"
