@@ -3,13 +3,16 @@
 :func:`complete_verify` answers ``sat`` (with a checked counterexample), ``unsat``, ``timeout`` or
 ``unknown``:
 
-1. the falsifier (:mod:`pyibp.verify.falsify`) searches briefly for a counterexample;
+1. the falsifier (:mod:`pyibp.verify.falsify`) searches briefly for a counterexample (one round of
+   restarts);
 2. every (box, conjunction) subproblem is bounded over its whole box: the conjunction holds nowhere
    (the subproblem is ``unsat``) when some row's lower bound of ``C_i f(x) - d_i`` is > 0;
 3. undecided subproblems with at most :data:`INPUT_SPLIT_DIMS` inputs are split on the input box
    (bisect the dimension of largest width x |gradient|, bound many subdomains per call, prune the
    verified ones, test every subdomain's centre and run the falsifier on the worst ones); larger
-   ones go to :func:`pyibp.verify.bab.relu_split_bab` (ReLU splitting), when it is present.
+   ones go to :func:`pyibp.verify.bab.relu_split_bab` (ReLU splitting), when it is present;
+4. when subproblems stay undecided, the falsifier searches again, for up to ``falsify_fraction``
+   of the timeout.
 
 ``unsat`` comes only from bounds over boxes rounded outward (in sound mode, sound bounds); ``sat``
 only from a point :func:`~pyibp.verify.falsify.check_counterexample` confirms. The domain queue is
@@ -88,10 +91,10 @@ class _Run:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def falsify(self, seconds: float) -> Optional[Counterexample]:
+    def falsify(self, seconds: float, rounds: Optional[int] = None) -> Optional[Counterexample]:
         start = time.monotonic()
-        cex = falsify(self.model, self.prop, deadline=min(self.deadline, start + seconds), seed=self.seed,
-                      device=self.device)
+        cex = falsify(self.model, self.prop, deadline=min(self.deadline, start + seconds), rounds=rounds,
+                      seed=self.seed + int(self.stats["falsify_seconds"] > 0), device=self.device)
         self.stats["falsify_seconds"] += time.monotonic() - start
         return cex
 
@@ -240,7 +243,8 @@ def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, 
         device: where to compute (default the model's).  sound: sound bounds for ``unsat``.
         method: the bounding method passed to ``pyibp.bounds.spec_bounds`` (IBP without it).
         falsify_fraction: the share of the timeout each falsifier run may use (at most 10 s): one
-            before the bounds, one after branch and bound when it left subproblems undecided.
+            round of restarts before the bounds, and after branch and bound when it left
+            subproblems undecided.
         batch: subdomains bounded per call in input splitting.  max_domains: the queue's cap.
     Returns:
         a :class:`VerificationOutcome`.
@@ -263,7 +267,7 @@ def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, 
         run.stats = {k: round(v, 4) if isinstance(v, float) else v for k, v in run.stats.items()}
         return VerificationOutcome(status, cex, time.monotonic() - start, run.stats)
 
-    cex = run.falsify(min(falsify_fraction * timeout, 10.0))
+    cex = run.falsify(min(falsify_fraction * timeout, 10.0), rounds=1)      # a quick look before the bounds
     if cex is not None:
         return done("sat", cex)
     if run.left() <= 0:

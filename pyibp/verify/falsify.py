@@ -159,9 +159,10 @@ def search(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d: Tensor,
 
 
 def falsify(model: nn.Module, prop: Property, *, deadline: float, restarts: int = 32, steps: int = 100,
-            seed: int = 0, device=None) -> Optional[Counterexample]:
-    """PGD with random restarts over every box of ``prop`` until a checked counterexample is found
-    or ``deadline`` (a ``time.monotonic()`` value) passes; None when none was found.
+            rounds: Optional[int] = None, seed: int = 0, device=None) -> Optional[Counterexample]:
+    """PGD with random restarts over every box of ``prop`` until a checked counterexample is found,
+    ``deadline`` (a ``time.monotonic()`` value) passes or ``rounds`` rounds are done (None: no
+    limit); None when none was found.
 
     Rounds of ``restarts`` restarts (spread over the box's conjunctions; the first starts at the
     box's centre) of at most ``steps`` steps each, cycling over the cases.
@@ -183,7 +184,7 @@ def falsify(model: nn.Module, prop: Property, *, deadline: float, restarts: int 
         else:
             boxes.append(None)
     round_ = 0
-    while time.monotonic() < deadline and any(b is not None for b in boxes):
+    while time.monotonic() < deadline and any(b is not None for b in boxes) and (rounds is None or round_ < rounds):
         for k, box in enumerate(boxes):
             if box is None or time.monotonic() >= deadline:
                 continue
