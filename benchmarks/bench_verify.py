@@ -5,7 +5,7 @@ Models (on mnist-5k, trained here for ``--epochs`` epochs with Adam: IBP trainin
 ``--train-eps`` for the MLPs, standard training for the CNN; random weights with ``--epochs 0``): ``mlp-2x64`` (784-64-64-10), ``mlp-1x100``
 (784-100-10), the tutorial CNN (``pyibp.models.tutorial_cnn``), and ``acas-like`` (a random
 5-50-50-5 network on boxes of [-1, 1]^5, where complete_verify splits the input box). For every
-model and ε of ``--eps`` (a fraction of the box for acas-like), the l∞ robustness properties of
+model and ε of ``--eps`` (20 ε for acas-like), the l∞ robustness properties of
 the first ``--examples`` correctly classified test images (``pyibp.verify.robustness_property``):
 
 * ``bound``: one call of the bound on the whole box (``complete.py``'s bound step: pyibp.bounds.
@@ -45,6 +45,7 @@ from pyibp.verify.complete import _lower_bounds  # noqa: E402
 from pyibp.verify.falsify import _stack, rounded_box  # noqa: E402
 
 LIMITS = (1.0, 10.0, 60.0)
+ACAS_SCALE = 20     # acas-like boxes have radius 20 ε in [-1, 1]^5: wide enough for input splitting to matter
 
 
 def mlp(*sizes: int) -> nn.Sequential:
@@ -79,7 +80,7 @@ def properties(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
         centres = torch.rand(n, 5, generator=gen) * 2 - 1
         with torch.no_grad():
             labels = model(centres).argmax(1)
-        return [robustness_property(c, int(k), eps * 2, num_classes=5, lower=-1.0, upper=1.0)
+        return [robustness_property(c, int(k), eps * ACAS_SCALE, num_classes=5, lower=-1.0, upper=1.0)
                 for c, k in zip(centres, labels)]
     with torch.no_grad():
         correct = (model(x[:20 * n]).argmax(1) == y[:20 * n]).nonzero().flatten()[:n]
@@ -90,7 +91,7 @@ def bound_alone(model: nn.Module, prop: Property, device: torch.device) -> Dict[
     case = prop.cases[0]
     start = time.perf_counter()
     lo, hi = rounded_box(case.lower, case.upper, torch.float32, inward=False)
-    C, d = _stack(case.conjunctions, torch.float32, device)
+    C, d = _stack(case.conjunctions, torch.float64, device)
     J = C.shape[0]
     with torch.no_grad():
         lb = _lower_bounds(model, lo.to(device).expand(J, *lo.shape), hi.to(device).expand(J, *hi.shape), C, -d,

@@ -61,8 +61,9 @@ class VerificationOutcome:
 
 def _lower_bounds(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d: Optional[Tensor], method: str,
                   sound: bool) -> Tensor:
-    """Lower bounds (B, R) of ``C @ f(x).flatten() + d`` over ``lower <= x <= upper`` ((B, *shape);
-    C (B, R, K), d (B, R)): :func:`pyibp.bounds.spec_bounds` when present, else IBP."""
+    """Lower bounds (B, R) of ``C @ f(x).flatten() + d`` over ``lower <= x <= upper`` ((B, *shape) in
+    the model's dtype; C (B, R, K), d (B, R) float64): :func:`pyibp.bounds.spec_bounds` when present,
+    else IBP's output bounds combined in float64 (less a rounding allowance when ``sound``)."""
     from .. import bounds
     spec_bounds = getattr(bounds, "spec_bounds", None)
     if spec_bounds is not None:
@@ -71,9 +72,15 @@ def _lower_bounds(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d: 
     mid = (lower + upper) / 2
     eps = (upper - lower).flatten(1).amax(1)        # the l∞ ball around mid covers the box; ∩ [lower, upper] is it
     lb, ub = interval_bounds(model, mid, eps, lower=lower, upper=upper, sound=sound)
-    lb, ub = lb.flatten(1).to(C.dtype), ub.flatten(1).to(C.dtype)
-    out = torch.einsum("brk,bk->br", C.clamp(min=0), lb) + torch.einsum("brk,bk->br", C.clamp(max=0), ub)
-    return out if d is None else out + d
+    lb, ub = lb.flatten(1).double(), ub.flatten(1).double()
+    pos, neg = C.clamp(min=0), C.clamp(max=0)
+    out = torch.einsum("brk,bk->br", pos, lb) + torch.einsum("brk,bk->br", neg, ub)
+    if d is not None:
+        out = out + d
+    if sound:   # float64 sums of K + 1 terms err by at most (K + 1) u sum |term| (u = 2^-53); doubled
+        size = torch.einsum("brk,bk->br", pos, lb.abs()) - torch.einsum("brk,bk->br", neg, ub.abs())
+        out = out - (size + (0 if d is None else d.abs())) * (C.shape[-1] + 1) * 2.0 ** -52
+    return out
 
 
 class _Run:
@@ -84,7 +91,7 @@ class _Run:
         self.method, self.sound, self.batch, self.max_domains, self.seed = method, sound, batch, max_domains, seed
         self.dtype, self.device = model_dtype_device(model)
         self.checker = _Checker(model, prop)
-        self.stats: Dict[str, Any] = {"falsify_seconds": 0.0, "bound_seconds": 0.0, "bab_seconds": 0.0,
+        self.stats: Dict[str, Any] = {"falsify_runs": 0, "falsify_seconds": 0.0, "bound_seconds": 0.0, "bab_seconds": 0.0,
                                       "subproblems": sum(len(c.conjunctions) for c in prop.cases),
                                       "decided_by_bound": 0, "domains": 0}
 
@@ -93,8 +100,10 @@ class _Run:
 
     def falsify(self, seconds: float, rounds: Optional[int] = None) -> Optional[Counterexample]:
         start = time.monotonic()
+        # a new seed per run: a second search must not retrace the first one's restarts
         cex = falsify(self.model, self.prop, deadline=min(self.deadline, start + seconds), rounds=rounds,
-                      seed=self.seed + int(self.stats["falsify_seconds"] > 0), device=self.device)
+                      seed=self.seed + self.stats["falsify_runs"], device=self.device)
+        self.stats["falsify_runs"] += 1
         self.stats["falsify_seconds"] += time.monotonic() - start
         return cex
 
@@ -114,7 +123,7 @@ class _Run:
             if not case.conjunctions:
                 continue
             lo, hi = rounded_box(case.lower, case.upper, self.dtype, inward=False)
-            C, d = _stack(case.conjunctions, self.dtype, self.device)
+            C, d = _stack(case.conjunctions, torch.float64, self.device)
             J = C.shape[0]
             value = self.bound(lo.to(self.device).expand(J, *lo.shape), hi.to(self.device).expand(J, *hi.shape), C, d)
             for j in range(J):
@@ -129,9 +138,10 @@ class _Run:
         case = self.prop.cases[k]
         lo, hi = rounded_box(case.lower, case.upper, self.dtype, inward=False)
         inner = rounded_box(case.lower, case.upper, self.dtype, inward=True)
-        C1, d1 = _stack(case.conjunctions[j:j + 1], self.dtype, self.device)
+        C1, d1 = _stack(case.conjunctions[j:j + 1], self.dtype, self.device)          # for gradients
+        C64, d64 = _stack(case.conjunctions[j:j + 1], torch.float64, self.device)     # for bounds
         lower, upper = lo.to(self.device)[None], hi.to(self.device)[None]
-        value = torch.zeros(1, device=self.device)
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
         stuck = False
         rounds = 0
         while lower.shape[0]:
@@ -154,7 +164,7 @@ class _Run:
             if found is not None:
                 return found
             N = child_lo.shape[0]
-            child_value = self.bound(child_lo, child_hi, C1.expand(N, -1, -1), d1.expand(N, -1))
+            child_value = self.bound(child_lo, child_hi, C64.expand(N, -1, -1), d64.expand(N, -1))
             self.stats["domains"] += N
             keep = (child_value <= 0) & ~degenerate
             stuck = stuck or bool(((child_value <= 0) & degenerate).any())
@@ -165,7 +175,7 @@ class _Run:
                 return "unknown"
             rounds += 1
             if rounds % 8 == 0 and lower.shape[0]:
-                found = self._attack(lower, upper, value, C1, d1, k, inner)
+                found = self._attack(lower, upper, C1, d1, k, inner)
                 if found is not None:
                     return found
         return "unknown" if stuck else "unsat"
@@ -194,8 +204,8 @@ class _Run:
                 return cex
         return None
 
-    def _attack(self, lower, upper, value, C1, d1, k, inner) -> Optional[Counterexample]:
-        """PGD on the worst domains (intersected with the inward-rounded box)."""
+    def _attack(self, lower, upper, C1, d1, k, inner) -> Optional[Counterexample]:
+        """PGD on the first domains of the queue, the most violated (intersected with the inward-rounded box)."""
         start = time.monotonic()
         n = min(32, lower.shape[0])
         lo = torch.maximum(lower[:n], inner[0].to(lower))
