@@ -187,15 +187,30 @@ def test_verify_command(problem, capsys, tmp_path):
 
 
 def test_verify_instances(problem, capsys, tmp_path):
+    """Rows relative to the csv's folder; files found gzip-compressed as VNN-COMP ships them; a
+    missing file is an 'error' row and exit code 2, after the other rows ran."""
+    import gzip
+    import shutil
     folder, _ = problem
+    bench = tmp_path / "bench"
+    (bench / "onnx").mkdir(parents=True)
+    (bench / "onnx" / "net.onnx.gz").write_bytes(gzip.compress((folder / "net.onnx").read_bytes()))
+    (bench / "unsafe.vnnlib.gz").write_bytes(gzip.compress((folder / "unsafe.vnnlib").read_bytes()))
+    shutil.copy(folder / "safe.vnnlib", bench)
+    (bench / "instances.csv").write_text("onnx/net.onnx,safe.vnnlib,20\n\nonnx/net.onnx,unsafe.vnnlib,20\n")
     results = tmp_path / "results.csv"
-    code, out, _ = run_main(["verify", "--instances", str(folder / "instances.csv"), "--results", str(results),
+    code, out, _ = run_main(["verify", "--instances", str(bench / "instances.csv"), "--results", str(results),
                              "--quiet", "--device", "cpu"], capsys)
     assert code == 0
     rows = [line.split(",") for line in results.read_text().splitlines()]
     assert rows[0][:4] == ["onnx", "vnnlib", "timeout", "status"]
     assert [r[3] for r in rows[1:]] == ["unsat", "sat"]
     assert "instances  solved  sat  unsat" in out
+    (bench / "instances.csv").write_text("onnx/net.onnx,gone.vnnlib,5\nonnx/net.onnx,safe.vnnlib,20\n")
+    code, _, err = run_main(["verify", "--instances", str(bench / "instances.csv"), "--results", str(results),
+                             "--quiet", "--device", "cpu"], capsys)
+    assert code == 2 and "gone.vnnlib" in err
+    assert [line.split(",")[3] for line in results.read_text().splitlines()[1:]] == ["error", "unsat"]
 
 
 def test_verify_bad_input_exits_2(problem, capsys, tmp_path):

@@ -104,7 +104,10 @@ def _cross_check(onnx_path: str, prop, outcome) -> None:
         return
     import torch
     cex = outcome.counterexample
-    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    import gzip
+    raw = Path(onnx_path).read_bytes()
+    session = onnxruntime.InferenceSession(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw,
+                                           providers=["CPUExecutionProvider"])
     feed = session.get_inputs()[0]
     x = cex.x.reshape(1, *cex.x.shape).numpy().astype("float32" if "float)" in feed.type else "float64")
     y = torch.from_numpy(session.run(None, {feed.name: x})[0]).flatten()
@@ -115,6 +118,12 @@ def _cross_check(onnx_path: str, prop, outcome) -> None:
         print(f"pyibp verify: warning: onnxruntime's outputs at the counterexample do not satisfy the property "
               f"(pyibp's: {cex.y.tolist()}, onnxruntime's: {y.tolist()}); reporting unknown", file=sys.stderr)
         outcome.status, outcome.counterexample = "unknown", None
+
+
+def _existing(path: Path) -> str:
+    """``path``, or ``path.gz`` when only the compressed file is there (as VNN-COMP repositories ship them)."""
+    zipped = path.with_name(path.name + ".gz")
+    return str(zipped if not path.exists() and zipped.exists() else path)
 
 
 def _rows(path: Path) -> List[List[str]]:
@@ -150,7 +159,7 @@ def _instances(args: argparse.Namespace, out: Output, device) -> int:
         writer = csv.writer(f)
         writer.writerow(["onnx", "vnnlib", "timeout", "status", "seconds", "error"])
         for onnx_name, vnnlib_name, row_timeout in tqdm(rows, desc="instances", disable=args.quiet, leave=False):
-            onnx_path, vnnlib_path = str(folder / onnx_name), str(folder / vnnlib_name)
+            onnx_path, vnnlib_path = _existing(folder / onnx_name), _existing(folder / vnnlib_name)
             timeout = args.timeout or float(row_timeout)
             start = time.monotonic()
             record: Dict[str, Any] = {"onnx": onnx_name, "vnnlib": vnnlib_name, "timeout": timeout, "error": ""}

@@ -27,6 +27,7 @@ ConstantOfShape, Range, Equal, Where, Expand, Sqrt, Pow, Min, Max, ReduceProd.
 """
 from __future__ import annotations
 
+import gzip
 import math
 import operator
 from pathlib import Path
@@ -500,8 +501,10 @@ def _read(source: Union[str, Path, bytes, Any], where: str):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such ONNX file")
         try:
-            return onnx.load(str(path))
-        except Exception as err:   # protobuf's DecodeError and friends: a damaged file
+            raw = path.read_bytes()
+            # VNN-COMP's benchmark repositories ship networks gzip-compressed (.onnx.gz)
+            return onnx.load_from_string(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+        except Exception as err:   # protobuf's DecodeError, a truncated gzip stream: a damaged file
             raise OnnxModelError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
     if isinstance(source, bytes):
         try:
@@ -515,7 +518,8 @@ def load_onnx(source: Union[str, Path, bytes, Any], *, check_batch: bool = True)
     """An ONNX network as an eval-mode ``torch.fx.GraphModule`` of the ops pyibp can bound.
 
     Args:
-        source: a path to a ``.onnx`` file, its bytes, or an ``onnx.ModelProto``.
+        source: a path to a ``.onnx`` (or gzip-compressed ``.onnx.gz``) file, its bytes, or an
+            ``onnx.ModelProto``.
         check_batch: run a batch of two random inputs and require each example's output to equal
             its batch-1 output (a network that mixes examples across the batch is refused).
     Returns:
