@@ -3,10 +3,10 @@
 :func:`complete_verify` answers ``sat`` (with a checked counterexample), ``unsat``, ``timeout`` or
 ``unknown``:
 
-1. the falsifier (:mod:`pyibp.verify.falsify`) searches briefly for a counterexample (one round of
-   restarts);
-2. every (box, conjunction) subproblem is bounded over its whole box: the conjunction holds nowhere
+1. every (box, conjunction) subproblem is bounded over its whole box: the conjunction holds nowhere
    (the subproblem is ``unsat``) when some row's lower bound of ``C_i f(x) - d_i`` is > 0;
+2. the falsifier (:mod:`pyibp.verify.falsify`) searches briefly (one round of restarts) for a
+   counterexample to the subproblems left open;
 3. undecided subproblems with at most :data:`INPUT_SPLIT_DIMS` inputs are split on the input box
    (bisect the dimension of largest width x |gradient|, bound many subdomains per call, prune the
    verified ones, test every subdomain's centre and run the falsifier on the worst ones); larger
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .falsify import Counterexample, _Checker, _stack, falsify, model_dtype_device, rounded_box, search
-from .spec import Property
+from .spec import Case, Property
 
 __all__ = ["complete_verify", "VerificationOutcome", "INPUT_SPLIT_DIMS", "STATUSES"]
 
@@ -98,14 +98,23 @@ class _Run:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def falsify(self, seconds: float, rounds: Optional[int] = None) -> Optional[Counterexample]:
+    def falsify(self, seconds: float, rounds: Optional[int] = None,
+                only: Optional[List[Tuple[int, int]]] = None) -> Optional[Counterexample]:
+        """The falsifier on the whole property, or on the (case, conjunction) subproblems ``only``."""
         start = time.monotonic()
+        prop, cases = self.prop, list(range(len(self.prop.cases)))
+        if only is not None:
+            cases = sorted({k for k, _ in only})
+            prop = Property(tuple(Case(self.prop.cases[k].lower, self.prop.cases[k].upper,
+                                       tuple(self.prop.cases[k].conjunctions[j] for kk, j in only if kk == k))
+                                  for k in cases))
         # a new seed per run: a second search must not retrace the first one's restarts
-        cex = falsify(self.model, self.prop, deadline=min(self.deadline, start + seconds), rounds=rounds,
+        cex = falsify(self.model, prop, deadline=min(self.deadline, start + seconds), rounds=rounds,
                       seed=self.seed + self.stats["falsify_runs"], device=self.device)
         self.stats["falsify_runs"] += 1
         self.stats["falsify_seconds"] += time.monotonic() - start
-        return cex
+        # indices of the property itself (the check is repeated on it)
+        return None if cex is None else self.checker(cex.x.to(self.device), cases[cex.case])
 
     def bound(self, lower: Tensor, upper: Tensor, C: Tensor, d: Tensor) -> Tensor:
         """(N,) the largest row lower bound of ``C f - d`` per domain: > 0 proves it (lower, upper
@@ -253,8 +262,8 @@ def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, 
         device: where to compute (default the model's).  sound: sound bounds for ``unsat``.
         method: the bounding method passed to ``pyibp.bounds.spec_bounds`` (IBP without it).
         falsify_fraction: the share of the timeout each falsifier run may use (at most 10 s): one
-            round of restarts before the bounds, and after branch and bound when it left
-            subproblems undecided.
+            round of restarts after the bounds, and a longer search after branch and bound when it
+            left subproblems undecided.
         batch: subdomains bounded per call in input splitting.  max_domains: the queue's cap.
     Returns:
         a :class:`VerificationOutcome`.
@@ -277,17 +286,18 @@ def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, 
         run.stats = {k: round(v, 4) if isinstance(v, float) else v for k, v in run.stats.items()}
         return VerificationOutcome(status, cex, time.monotonic() - start, run.stats)
 
-    cex = run.falsify(min(falsify_fraction * timeout, 10.0), rounds=1)      # a quick look before the bounds
-    if cex is not None:
-        return done("sat", cex)
-    if run.left() <= 0:
-        return done("timeout")
+    budget = min(falsify_fraction * timeout, 10.0)
     try:
         undecided = run.whole_boxes()
     except TypeError as err:        # an op without a bound rule (pyibp names it): only the falsifier can decide
         run.stats["bound_error"] = str(err)
-        cex = run.falsify(min(falsify_fraction * timeout, 10.0))
-        return done("sat", cex) if cex is not None else done("unknown")
+        cex = run.falsify(budget)
+        return done("sat", cex) if cex is not None else done("timeout" if run.left() <= 0 else "unknown")
+    if not undecided:
+        return done("unsat")
+    cex = run.falsify(budget, rounds=1, only=undecided)      # a quick look at what the bounds left open
+    if cex is not None:
+        return done("sat", cex)
     statuses = []
     bab_start = time.monotonic()
     small = prop.input_shape and int(torch.tensor(prop.input_shape).prod()) <= INPUT_SPLIT_DIMS
@@ -302,7 +312,7 @@ def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, 
     run.stats["bab_seconds"] = time.monotonic() - bab_start
     if any(s != "unsat" for s in statuses) and run.left() > 0:
         # undecided by the bounds: a second, equal share of the time goes to looking for a counterexample
-        cex = run.falsify(min(falsify_fraction * timeout, 10.0))
+        cex = run.falsify(budget, only=[kj for kj, s in zip(undecided, statuses) if s != "unsat"])
         if cex is not None:
             return done("sat", cex)
     if all(s == "unsat" for s in statuses):
