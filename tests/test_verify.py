@@ -279,3 +279,13 @@ def test_a_network_pyibp_cannot_bound_is_unknown_or_sat():
     assert out.status == "unknown" and "sin" in out.stats["bound_error"]
     unsafe = robustness_property(torch.tensor([0.0]), 0, 0.5, num_classes=2, lower=-1.0, upper=1.0)
     assert complete_verify(Sine(), unsafe, timeout=1).status == "sat"
+
+
+def test_pyibp_verify_stays_callable():
+    """The package pyibp.verify shadows the function pyibp.verify once imported; calling it still works."""
+    import pyibp
+    import pyibp.verify.spec  # noqa: F401
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    data = [(torch.rand(5, 1, 2, 2), torch.zeros(5, dtype=torch.long))]
+    result = pyibp.verify(net, data, 0.01)
+    assert len(result) == 5
