@@ -38,7 +38,7 @@ from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, c
 from .graph import BoundGraph, affine_scale_shift, bound_graph, conv_params, linear_params, per_channel, resolve
 from .ibp import (FusedBackend, Trace, _full_precision, _param, cat_dim, const_scale_shift, ibp_margin_bounds,
                   ibp_margins, mean_dims, no_nan, pad_args)
-from .relaxations import relaxation
+from .relaxations import maxpool_relaxation, relaxation
 
 __all__ = ["crown_ibp_margin_bounds", "crown_ibp_mixed_margins", "crown_ibp_robust_ce", "margin_pass", "MarginPass"]
 
@@ -174,6 +174,27 @@ def _back_relu(A: Tensor, const: Tensor, mu: Tensor, rad: Tensor) -> Tuple[Tenso
     return _unflatten_features(out, A.shape, cl), const + shift
 
 
+def _back_relu_alpha(A: Tensor, const: Tensor, mu: Tensor, rad: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor]:
+    """Through a ReLU with the lower line ``alpha z`` on its unstable neurons (alpha-CROWN), the chord
+    above: :func:`pyibp.ops.crown_relu_alpha_step` on A, the box and ``alpha`` (b or 1, R or 1, *shape),
+    all in the features' natural order."""
+    lower, upper = ops.center_to_interval(mu, rad)
+    out, shift = _TMP_alpha_step(A.flatten(2), lower.flatten(1), upper.flatten(1), alpha.flatten(2))
+    return out.view(A.shape), const + shift
+
+
+def _TMP_alpha_step(A, lower, upper, alpha):  # TODO(merge): ops.crown_relu_alpha_step
+    lower, upper = lower[:, None], upper[:, None]
+    unstable = (lower < 0) & (upper > 0)
+    active = (lower >= 0).to(A.dtype)
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    s_up = torch.where(unstable, upper / width, active)
+    t = torch.where(unstable, -lower * s_up, torch.zeros_like(upper))
+    s_low = torch.where(unstable, alpha, active)
+    A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
+    return A_pos * s_low + A_neg * s_up, (A_neg * t).sum(-1)
+
+
 def _back_affine(A: Tensor, const: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel ``z * scale + shift`` along the input's dim 1 (A's dim 2)."""
     scale, shift = per_channel((scale, shift), A.shape[2])
@@ -224,34 +245,11 @@ def _unbroadcast(A: Tensor, in_shape: Tuple[int, ...]) -> Tensor:
 
 def _back_maxpool(A: Tensor, const: Tensor, layer: nn.MaxPool2d, lower: Tensor, upper: Tensor
                   ) -> Tuple[Tensor, Tensor]:
-    """Sound linear relaxation of max pooling on the input box ``[lower, upper]`` (B, C, H, W).
-
-    In each window let k* be the element with the largest lower bound. Then
-    ``x_k* <= max_j x_j``; above, ``max_j x_j = x_k*`` when k* dominates the window
-    (``lower_k* >= upper_j`` for every other j), and ``max_j x_j <= max_j upper_j`` otherwise.
-    """
+    """Through max pooling with the lines of :func:`~pyibp.bounds.relaxations.maxpool_relaxation`."""
     batch, rows, channels, out_h, out_w = A.shape
     height, width = lower.shape[2:]
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (layer.kernel_size, layer.stride or layer.kernel_size,
-                                                                 layer.padding, layer.dilation))
-    # Pad with -inf (ceil_mode windows may overhang at the end; negative padding crops) and unfold.
-    pad_b = (out_h - 1) * sh + dh * (kh - 1) + 1 - height - ph
-    pad_r = (out_w - 1) * sw + dw * (kw - 1) + 1 - width - pw
-
-    def windows(t: Tensor) -> Tensor:
-        t = F.pad(t, (pw, pad_r, ph, pad_b), value=-math.inf)
-        return F.unfold(t, (kh, kw), (dh, dw), 0, (sh, sw)).view(batch, channels, kh * kw, out_h * out_w)
-
-    low_w, up_w = windows(lower), windows(upper)
-    low_max, k_star = low_w.max(2)                                            # (B, C, L)
-    up_max = up_w.max(2).values
-    up_others = up_w.scatter(2, k_star[:, :, None], -math.inf).max(2).values
-    dominated = (low_max >= up_others).to(A.dtype)
-    # Flat position of k* in the unpadded input plane: every window holds a real element.
-    pos = torch.arange(out_h * out_w, device=A.device)
-    row = (pos // out_w) * sh - ph + (k_star // kw) * dh
-    col = (pos % out_w) * sw - pw + (k_star % kw) * dw
-    index = (row * width + col)[:, None].expand(batch, rows, channels, out_h * out_w)
+    index, dominated, up_max = maxpool_relaxation(layer, lower, upper, (out_h, out_w))
+    index = index[:, None].expand(batch, rows, channels, out_h * out_w)
     A = A.flatten(3)
     A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
     coef = A_pos + A_neg * dominated[:, None]
@@ -277,6 +275,9 @@ def _backward(graph: BoundGraph, trace: Trace, A: Tensor, const: Tensor, start: 
         A = pending.pop(i, None)
         if A is None:
             continue
+        extra = trace.extra.get(i)
+        if extra is not None:           # a Lagrangian term on this node's value (beta-CROWN's splits)
+            A = A + extra
         node = nodes[i]
         if node.kind == "input":
             lam = A
@@ -313,7 +314,11 @@ def _b_affine(node, A, const, trace, dtype):
 
 
 def _b_relu(node, A, const, trace, dtype):
-    A, const = _back_relu(A, const, *trace.boxes[node.index])
+    alpha = trace.alphas.get(node.index)
+    if alpha is None:
+        A, const = _back_relu(A, const, *trace.boxes[node.index])
+    else:
+        A, const = _back_relu_alpha(A, const, *trace.boxes[node.index], alpha)
     return [(node.inputs[0], A)], const
 
 

@@ -32,13 +32,13 @@ from ..nn import Normalize
 
 __all__ = ["bound_graph", "BoundGraph", "Node", "batch_statistics", "batchnorm_scale_shift", "SUPPORTED_LAYERS"]
 
-ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.Softplus, nn.Tanh, nn.Sigmoid)
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU)
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
                     nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, Normalize,
                     nn.LogSoftmax) + ACTIVATIONS
 SUPPORTED_FUNCTIONS = ("+, - of two bounded tensors; + - * / by constants, parameters and buffers; "
                        "F.linear, F.conv1d, F.conv2d, F.relu, F.leaky_relu, F.relu6, F.hardtanh, F.elu, F.softplus, "
-                       "torch.tanh, torch.sigmoid (and their inplace forms), F.max_pool2d, F.avg_pool2d, "
+                       "torch.tanh, torch.sigmoid, F.gelu, F.silu (and their inplace forms), F.max_pool2d, F.avg_pool2d, "
                        "F.adaptive_avg_pool2d, F.pad (constant), F.dropout, F.log_softmax (as the last op), torch.cat, torch.flatten, torch.reshape, "
                        "torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.mean, indexing/slicing "
                        "(not of the batch dimension); methods view, reshape, flatten, permute, transpose, squeeze, "
@@ -54,7 +54,9 @@ class Node:
     Attributes:
         index: position in :attr:`BoundGraph.nodes` (a topological order).
         kind: the rule: ``"input"``, ``"const"`` (no bounded input: evaluated as PyTorch would),
-            ``"linear"``, ``"conv"``, ``"affine"``, ``"relu"``, ``"activation"``, ``"avgpool"``,
+            ``"linear"``, ``"conv"``, ``"affine"``, ``"relu"``, ``"activation"`` (any other activation: its
+            IBP rule and relaxation are :mod:`pyibp.bounds.relaxations`', which know whether it is
+            monotone), ``"avgpool"``,
             ``"adaptive_avgpool"``, ``"maxpool"``, ``"mean"``, ``"reshape"``, ``"index"``, ``"pad"``,
             ``"const_affine"``, ``"add"``, ``"sub"``, ``"cat"``, ``"identity"``.
         call: for ``"const"``/shape ops, the PyTorch call ``call(*args, **kwargs)``.
@@ -183,6 +185,8 @@ _ACTIVATION_FUNCTIONS = _functions(
     (F.softplus, lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold)),
     ((torch.tanh, F.tanh, torch.tanh_), lambda: nn.Tanh()),
     ((torch.sigmoid, F.sigmoid, torch.sigmoid_), lambda: nn.Sigmoid()),
+    (F.gelu, lambda approximate="none": nn.GELU(approximate)),
+    (F.silu, lambda inplace=False: nn.SiLU()),
 )
 _ACTIVATION_METHODS = {"relu": nn.ReLU, "relu_": nn.ReLU, "tanh": nn.Tanh, "tanh_": nn.Tanh,
                        "sigmoid": nn.Sigmoid, "sigmoid_": nn.Sigmoid}
