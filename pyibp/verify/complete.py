@@ -62,12 +62,14 @@ class VerificationOutcome:
 def _lower_bounds(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d: Optional[Tensor], method: str,
                   sound: bool) -> Tensor:
     """Lower bounds (B, R) of ``C @ f(x).flatten() + d`` over ``lower <= x <= upper`` ((B, *shape) in
-    the model's dtype; C (B, R, K), d (B, R) float64): :func:`pyibp.bounds.spec_bounds` when present,
-    else IBP's output bounds combined in float64 (less a rounding allowance when ``sound``)."""
+    the model's dtype; C (B, R, K), d (B, R) float64): :func:`pyibp.bounds.spec_bounds` by ``method``
+    when present; in sound mode (or without it) IBP's output bounds (``sound=True``: of the exact-
+    arithmetic network) combined in float64, less a rounding allowance when ``sound``."""
     from .. import bounds
     spec_bounds = getattr(bounds, "spec_bounds", None)
-    if spec_bounds is not None:
-        return spec_bounds(model, lower, upper, C, d, method=method, sound=sound)
+    if spec_bounds is not None and not sound:
+        return spec_bounds(model, lower, upper, C.to(lower.dtype), None if d is None else d.to(lower.dtype),
+                           method=method).double()
     from ..bounds import interval_bounds
     mid = (lower + upper) / 2
     eps = (upper - lower).flatten(1).amax(1)        # the l∞ ball around mid covers the box; ∩ [lower, upper] is it
@@ -290,6 +292,8 @@ def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, 
     try:
         undecided = run.whole_boxes()
     except TypeError as err:        # an op without a bound rule (pyibp names it): only the falsifier can decide
+        if not str(err).startswith(("pyibp", "node ")):   # the bound graph's own errors, not a bug's
+            raise
         run.stats["bound_error"] = str(err)
         cex = run.falsify(budget)
         return done("sat", cex) if cex is not None else done("timeout" if run.left() <= 0 else "unknown")
