@@ -234,21 +234,29 @@ class _Run:
         return found
 
     def relu_split(self, k: int, j: int) -> Union[str, Counterexample]:
-        """:func:`pyibp.verify.bab.relu_split_bab` on subproblem (k, j); ``"unknown"`` without it."""
+        """:func:`pyibp.verify.bab.relu_split_bab` on subproblem (k, j) over its outward-rounded box;
+        ``"unknown"`` without it (or in sound mode while it has no sound bounds)."""
         try:
             from .bab import relu_split_bab
         except ImportError:
             return "unknown"
         case = self.prop.cases[k]
         cj = case.conjunctions[j]
-        result = relu_split_bab(self.model, case.lower, case.upper, cj.C, cj.d, deadline=self.deadline,
-                                device=self.device, sound=self.sound)
-        status, x = (result, None) if isinstance(result, str) else (
-            result if isinstance(result, tuple) else (result.status, getattr(result, "x", None)))
-        if status == "sat":
-            cex = None if x is None else self.checker(x.to(self.device, self.dtype).reshape(case.lower.shape), k)
+        lo, hi = rounded_box(case.lower, case.upper, self.dtype, inward=False)
+        try:
+            result = relu_split_bab(self.model, lo[None], hi[None], cj.C, cj.d, deadline=self.deadline,
+                                    device=self.device, sound=self.sound)
+        except ValueError:
+            if self.sound:
+                return "unknown"
+            raise
+        self.stats["domains"] += int(getattr(result, "domains", 0))
+        if result.status == "sat":
+            # its point is checked again here, against the property itself (in the exact box)
+            cex = None if result.x is None else self.checker(result.x.to(self.device, self.dtype).reshape(
+                case.lower.shape), k)
             return cex if cex is not None else "unknown"
-        return status if status in STATUSES else "unknown"
+        return result.status if result.status in STATUSES else "unknown"
 
 
 def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, device: Union[str, torch.device,
