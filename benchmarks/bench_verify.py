@@ -2,14 +2,16 @@
 :func:`pyibp.verify.complete_verify` solve within 1, 10 and 60 seconds.
 
 Models (on mnist-5k, trained here for ``--epochs`` epochs with Adam: IBP training at ε =
-``--train-eps`` for the MLPs, standard training for the CNN; random weights with ``--epochs 0``): ``mlp-2x64`` (784-64-64-10), ``mlp-1x100``
-(784-100-10), the tutorial CNN (``pyibp.models.tutorial_cnn``), and ``acas-like`` (a random
-5-50-50-5 network on boxes of [-1, 1]^5, where complete_verify splits the input box). For every
-model and ε of ``--eps`` (20 ε for acas-like), the l∞ robustness properties of
-the first ``--examples`` correctly classified test images (``pyibp.verify.robustness_property``):
+``--train-eps`` for the MLPs, standard training for the CNN; random weights with ``--epochs 0``):
+``mlp-2x64`` (784-64-64-10), ``mlp-1x100`` (784-100-10), the tutorial CNN
+(``pyibp.models.tutorial_cnn``), and ``acas-like`` (a random 5-50-50-5 network on boxes of
+[-1, 1]^5, where complete_verify splits the input box). For every model and ε of ``--eps`` (20 ε
+for acas-like), the l∞ robustness properties of the first ``--examples`` correctly classified
+test images (``pyibp.verify.robustness_property``):
 
-* ``bound``: one call of the bound on the whole box (``complete.py``'s bound step: pyibp.bounds.
-  spec_bounds when present, else IBP), solved when every conjunction is proved impossible;
+* ``bound``: one call of the bound on the whole box (``complete.py``'s bound step:
+  ``pyibp.bounds.spec_bounds`` by alpha-CROWN when present, else IBP), solved when every
+  conjunction is proved impossible;
 * ``complete``: ``complete_verify(timeout=--timeout)``; solved within t when it answered sat or
   unsat in at most t seconds.
 
@@ -121,9 +123,9 @@ def print_table(results: List[Dict], timeout: float) -> None:
     limits = [f"{t:g}s" for t in LIMITS]
     head = (["model", "eps", "n"] + [f"bound<={t}" for t in limits]
             + [f"complete<={t}" for t in limits if float(t[:-1]) <= timeout] + ["sat", "unsat", "median s"])
+    median = lambda r: "-" if r["median_seconds"] is None else f"{r['median_seconds']:.2f}"  # noqa: E731
     body = [[r["model"], f"{r['eps']:g}", str(r["instances"])] + [str(r["bound"][t]) for t in limits]
-            + [str(v) for v in r["complete"].values()] + [str(r["sat"]), str(r["unsat"]),
-                                                          "-" if r["median_seconds"] is None else f"{r['median_seconds']:.2f}"] for r in results]
+            + [str(v) for v in r["complete"].values()] + [str(r["sat"]), str(r["unsat"]), median(r)] for r in results]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     print("  ".join("-" * w for w in widths))

@@ -93,8 +93,8 @@ class _Run:
         self.method, self.sound, self.batch, self.max_domains, self.seed = method, sound, batch, max_domains, seed
         self.dtype, self.device = model_dtype_device(model)
         self.checker = _Checker(model, prop)
-        self.stats: Dict[str, Any] = {"falsify_runs": 0, "falsify_seconds": 0.0, "bound_seconds": 0.0, "bab_seconds": 0.0,
-                                      "subproblems": sum(len(c.conjunctions) for c in prop.cases),
+        self.stats: Dict[str, Any] = {"falsify_runs": 0, "falsify_seconds": 0.0, "bound_seconds": 0.0,
+                                      "bab_seconds": 0.0, "subproblems": sum(len(c.conjunctions) for c in prop.cases),
                                       "decided_by_bound": 0, "domains": 0}
 
     def left(self) -> float:
