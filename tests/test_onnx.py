@@ -201,3 +201,12 @@ def test_damaged_and_missing_files(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])]))
     with pytest.raises(OnnxModelError, match="one input"):
         load_onnx(two_inputs)
+
+
+def test_matmul_add_becomes_one_linear_with_bias():
+    data = model_bytes([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                       [1, 5], [1, 3], [("w", W(5, 3)), ("b", W(1, 3))])
+    net = assert_matches_onnxruntime(data)
+    layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert len(layers) == 1 and layers[0].bias is not None
+    assert [n.op for n in net.graph.nodes] == ["placeholder", "call_module", "output"]

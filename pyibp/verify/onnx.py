@@ -569,10 +569,36 @@ def load_onnx(source: Union[str, Path, bytes, Any], *, check_batch: bool = True)
         raise OnnxModelError(f"{where}: the output {g.output[0].name!r} does not depend on the input")
     conv.b.graph.output(result.node)
     module = fx.GraphModule(conv.b.root, conv.b.graph, class_name="OnnxNetwork").eval()
+    _fold_biases(module)
     module.onnx_input_shape, module.onnx_output_shape = tuple(shape), tuple(result.example.shape)
     if check_batch:
         _check_batch(module, shape, where)
     return module
+
+
+def _fold_biases(module: fx.GraphModule) -> None:
+    """``MatMul`` then ``Add`` of a constant vector (how many exporters write a linear layer) becomes
+    one ``nn.Linear`` with that bias: a final layer is then the Linear the bounds fold the
+    specification into."""
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not operator.add or len(node.args) != 2:
+            continue
+        layer_node, bias_node = node.args
+        if not (isinstance(layer_node, fx.Node) and layer_node.op == "call_module" and len(layer_node.users) == 1
+                and isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"):
+            continue
+        layer, bias = module.get_submodule(layer_node.target), getattr(module, bias_node.target)
+        if not isinstance(layer, nn.Linear) or layer.bias is not None or bias.shape[-1:] != (layer.out_features,) \
+                or bias.numel() != layer.out_features:
+            continue
+        layer.bias = nn.Parameter(bias.reshape(-1).to(layer.weight.dtype).clone())
+        node.replace_all_uses_with(layer_node)
+        graph.erase_node(node)
+        if not bias_node.users:
+            graph.erase_node(bias_node)
+            delattr(module, bias_node.target)
+    module.recompile()
 
 
 def _check_batch(module: fx.GraphModule, shape: List[int], where: str) -> None:
