@@ -33,6 +33,7 @@ from .spec import Case, Property
 __all__ = ["complete_verify", "VerificationOutcome", "INPUT_SPLIT_DIMS", "STATUSES"]
 
 INPUT_SPLIT_DIMS = 16
+ALPHA_COST = 25     # alpha-CROWN's time in CROWN passes (its default 20 optimisation steps, and their backward)
 STATUSES = ("sat", "unsat", "timeout", "unknown")
 
 
@@ -118,30 +119,46 @@ class _Run:
         # indices of the property itself (the check is repeated on it)
         return None if cex is None else self.checker(cex.x.to(self.device), cases[cex.case])
 
-    def bound(self, lower: Tensor, upper: Tensor, C: Tensor, d: Tensor) -> Tensor:
+    def bound(self, lower: Tensor, upper: Tensor, C: Tensor, d: Tensor,
+              method: Optional[str] = None) -> Tensor:
         """(N,) the largest row lower bound of ``C f - d`` per domain: > 0 proves it (lower, upper
         (N, *shape) outward-rounded, C (N, R, K), d (N, R))."""
         start = time.monotonic()
         with torch.no_grad():
-            lb = _lower_bounds(self.model, lower, upper, C, -d, self.method, self.sound)
+            lb = _lower_bounds(self.model, lower, upper, C, -d, method or self.method, self.sound)
         self.stats["bound_seconds"] += time.monotonic() - start
         return lb.amax(1)
 
     def whole_boxes(self) -> List[Tuple[int, int]]:
-        """Bounds every subproblem over its whole box; returns the undecided (case, conjunction) pairs."""
+        """Bounds every subproblem over its whole box; returns the undecided (case, conjunction) pairs.
+
+        alpha-CROWN is preceded by CROWN (one backward pass), and skipped when CROWN's time times
+        :data:`ALPHA_COST` would not fit in half of what is left: the bound step keeps to the timeout."""
+        from .. import bounds
+        ladder = [self.method]
+        if self.method == "alpha-crown" and hasattr(bounds, "spec_bounds") and not self.sound:
+            ladder = ["crown", "alpha-crown"]
+        undecided = [(k, j) for k, case in enumerate(self.prop.cases) for j in range(len(case.conjunctions))]
+        for step, method in enumerate(ladder):
+            start = time.monotonic()
+            undecided = self._bound_subproblems(undecided, method)
+            if step + 1 < len(ladder) and ALPHA_COST * (time.monotonic() - start) > self.left() / 2:
+                break
+        self.stats["decided_by_bound"] = self.stats["subproblems"] - len(undecided)
+        return undecided
+
+    def _bound_subproblems(self, subproblems: List[Tuple[int, int]], method: str) -> List[Tuple[int, int]]:
+        """The subproblems ``method`` leaves undecided (one bound call per case)."""
         undecided = []
-        for k, case in enumerate(self.prop.cases):
-            if not case.conjunctions:
-                continue
+        for k in sorted({k for k, _ in subproblems}):
+            case = self.prop.cases[k]
+            js = [j for kk, j in subproblems if kk == k]
             lo, hi = rounded_box(case.lower, case.upper, self.dtype, inward=False)
-            C, d = _stack(case.conjunctions, torch.float64, self.device)
+            C, d = _stack([case.conjunctions[j] for j in js], torch.float64, self.device)
             J = C.shape[0]
-            value = self.bound(lo.to(self.device).expand(J, *lo.shape), hi.to(self.device).expand(J, *hi.shape), C, d)
-            for j in range(J):
-                if bool(value[j] > 0):
-                    self.stats["decided_by_bound"] += 1
-                else:
-                    undecided.append((k, j))
+            value = self.bound(lo.to(self.device).expand(J, *lo.shape), hi.to(self.device).expand(J, *hi.shape), C, d,
+                               method)
+            undecided += [(k, j) for j, v in zip(js, value.tolist()) if not v > 0]
         return undecided
 
     def input_split(self, k: int, j: int) -> Union[str, Counterexample]:
