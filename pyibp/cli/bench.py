@@ -16,7 +16,7 @@ __all__ = ["add_parser", "run", "plot_bench"]
 
 REPO_BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "benchmarks"
 BENCHMARKS = ("bounds", "attacks", "certified")   # run by default, when present
-OPTIONAL_BENCHMARKS = ("training",)                # long (torchrun process groups): only with --only
+OPTIONAL_BENCHMARKS = ("training", "verify")      # long (torchrun groups; complete verification): only with --only
 
 
 def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:

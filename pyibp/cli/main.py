@@ -9,7 +9,7 @@ import threading
 import warnings
 from typing import Any, Callable, Optional, Sequence, Set
 
-from . import bench, certify, landscape, reproduce, train
+from . import bench, certify, export, landscape, reproduce, train, verify
 from . import eval as evaluate   # the module of `pyibp eval` (not the builtin)
 from ..distributed import launched_by_torchrun
 from ..runs import RunFolderError, ScheduleWarning
@@ -19,8 +19,9 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Each subcommand's module: add_parser(command) and run(args, out, explicit) -> exit code.
 COMMANDS = {"train": train, "eval": evaluate, "certify": certify, "landscape": landscape, "bench": bench,
-            "reproduce": reproduce}
-DESCRIPTION = "The ``pyibp`` command: train, attack, certify, plot and reproduce, from a shell."
+            "reproduce": reproduce, "verify": verify, "export": export}
+DESCRIPTION = ("The ``pyibp`` command: train, attack, certify, plot and reproduce, verify ONNX networks and "
+               "export runs to ONNX, from a shell.")
 
 
 def build_parser() -> argparse.ArgumentParser:
