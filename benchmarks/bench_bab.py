@@ -1,4 +1,4 @@
-"""Branch and bound (pyibp.verify.bab) against alpha-CROWN alone on a small MNIST MLP.
+"""Branch and bound (pyibp.verifier.bab) against alpha-CROWN alone on a small MNIST MLP.
 
 Trains a ReLU MLP on mnist-5k (seeded, a few epochs of Adam; no download), then for each eps and
 each of the first test examples the model classifies correctly asks whether some x in
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, write_json  # noqa: E402
 from pyibp.bounds import spec_bounds  # noqa: E402
 from pyibp.data import mnist5k  # noqa: E402
-from pyibp.verify.bab import relu_split_bab  # noqa: E402
+from pyibp.verifier.bab import relu_split_bab  # noqa: E402
 
 
 def train_mlp(hidden, epochs: int, seed: int = 0) -> nn.Module:

@@ -1,5 +1,5 @@
 """Complete verification on properties of small pyibp models: how many instances the bound alone and
-:func:`pyibp.verify.complete_verify` solve within 1, 10 and 60 seconds.
+:func:`pyibp.verifier.complete_verify` solve within 1, 10 and 60 seconds.
 
 Models (on mnist-5k, trained here for ``--epochs`` epochs with Adam: IBP training at ε =
 ``--train-eps`` for the MLPs, standard training for the CNN; random weights with ``--epochs 0``):
@@ -7,7 +7,7 @@ Models (on mnist-5k, trained here for ``--epochs`` epochs with Adam: IBP trainin
 (``pyibp.models.tutorial_cnn``), and ``acas-like`` (a random 5-50-50-5 network on boxes of
 [-1, 1]^5, where complete_verify splits the input box). For every model and ε of ``--eps`` (20 ε
 for acas-like), the l∞ robustness properties of the first ``--examples`` correctly classified
-test images (``pyibp.verify.robustness_property``):
+test images (``pyibp.verifier.robustness_property``):
 
 * ``bound``: one call of the bound on the whole box (``complete.py``'s bound step:
   ``pyibp.bounds.spec_bounds`` by alpha-CROWN when present, else IBP), solved when every
@@ -42,9 +42,9 @@ import pyibp  # noqa: E402
 from pyibp.certified_training import ibp_loss  # noqa: E402
 from pyibp.data import load_dataset  # noqa: E402
 from pyibp.models import tutorial_cnn  # noqa: E402
-from pyibp.verify import Property, complete_verify, robustness_property  # noqa: E402
-from pyibp.verify.complete import _lower_bounds  # noqa: E402
-from pyibp.verify.falsify import _stack, rounded_box  # noqa: E402
+from pyibp.verifier import Property, complete_verify, robustness_property  # noqa: E402
+from pyibp.verifier.complete import _lower_bounds  # noqa: E402
+from pyibp.verifier.falsify import _stack, rounded_box  # noqa: E402
 
 LIMITS = (1.0, 10.0, 60.0)
 ACAS_SCALE = 20     # acas-like boxes have radius 20 ε in [-1, 1]^5: wide enough for input splitting to matter

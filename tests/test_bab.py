@@ -1,4 +1,4 @@
-"""Branch and bound over ReLU splits (pyibp.verify.bab): tiny networks on 2-d boxes, where a dense
+"""Branch and bound over ReLU splits (pyibp.verifier.bab): tiny networks on 2-d boxes, where a dense
 grid of the box tells which answers would be wrong."""
 import time
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pyibp.bounds import spec_bounds
-from pyibp.verify.bab import BabOutcome, relu_split_bab
+from pyibp.verifier.bab import BabOutcome, relu_split_bab
 
 LOWER, UPPER = -torch.ones(1, 2), torch.ones(1, 2)
 GRID = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 201), torch.linspace(-1, 1, 201), indexing="ij"),

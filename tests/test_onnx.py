@@ -1,4 +1,4 @@
-"""ONNX -> fx conversion (pyibp.verify.onnx): every op against onnxruntime on random inputs, the
+"""ONNX -> fx conversion (pyibp.verifier.onnx): every op against onnxruntime on random inputs, the
 shapes of VNN-COMP networks, and the converted models bounded by pyibp."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from pyibp import interval_bounds  # noqa: E402
-from pyibp.verify import OnnxModelError, load_onnx  # noqa: E402
+from pyibp.verifier import OnnxModelError, load_onnx  # noqa: E402
 
 
 def model_bytes(nodes, input_shape, output_shape, initializers=(), opset=13) -> bytes:

@@ -1,4 +1,4 @@
-"""Complete verification (pyibp.verify): the falsifier's finds are checked, complete_verify never
+"""Complete verification (pyibp.verifier): the falsifier's finds are checked, complete_verify never
 contradicts a brute-force reference on 2-d networks, timeouts hold, result files, and the
 ``pyibp verify`` / ``pyibp export`` commands."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from cli_support import run_main
-from pyibp.verify import (Case, Conjunction, Property, VerificationOutcome, check_counterexample, complete_verify,
+from pyibp.verifier import (Case, Conjunction, Property, VerificationOutcome, check_counterexample, complete_verify,
                           falsify, format_results, read_results, robustness_property, write_results, write_vnnlib)
-from pyibp.verify.falsify import rounded_box
+from pyibp.verifier.falsify import rounded_box
 
 F64 = dict(dtype=torch.float64)
 
@@ -238,7 +238,7 @@ def test_export_round_trip(capsys, tmp_path):
     """A trained run exported as ONNX converts back to the same function, and its VNN-LIB
     properties read back to the robustness properties of its test examples."""
     from pyibp.cli.common import load
-    from pyibp.verify import load_onnx, read_vnnlib
+    from pyibp.verifier import load_onnx, read_vnnlib
     run = tmp_path / "run"
     code, _, err = run_main(["train", "--method", "ibp", "--epochs", "1", "--train-subset", "100", "--test-subset",
                              "20", "--batch-size", "50", "--warmup-steps", "1", "--ramp-steps", "1",
@@ -281,10 +281,10 @@ def test_a_network_pyibp_cannot_bound_is_unknown_or_sat():
     assert complete_verify(Sine(), unsafe, timeout=1).status == "sat"
 
 
-def test_pyibp_verify_stays_callable():
-    """The package pyibp.verify shadows the function pyibp.verify once imported; calling it still works."""
+def test_pyibp_verify_stays_the_function_once_the_verifier_is_imported():
+    """pyibp.verifier (complete verification) and pyibp.verify (certify a data set) are two names."""
     import pyibp
-    import pyibp.verify.spec  # noqa: F401
+    import pyibp.verifier.spec  # noqa: F401
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     data = [(torch.rand(5, 1, 2, 2), torch.zeros(5, dtype=torch.long))]
     result = pyibp.verify(net, data, 0.01)

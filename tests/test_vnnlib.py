@@ -1,4 +1,4 @@
-"""VNN-LIB properties (pyibp.verify.vnnlib, pyibp.verify.spec): the shapes of VNN-COMP files, the
+"""VNN-LIB properties (pyibp.verifier.vnnlib, pyibp.verifier.spec): the shapes of VNN-COMP files, the
 writer's round trip, gzip, and errors that name the file and line."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gzip
 import pytest
 import torch
 
-from pyibp.verify import (Conjunction, Property, VNNLibError, format_vnnlib, parse_vnnlib, read_vnnlib,
+from pyibp.verifier import (Conjunction, Property, VNNLibError, format_vnnlib, parse_vnnlib, read_vnnlib,
                           robustness_property, write_vnnlib)
 
 F64 = dict(dtype=torch.float64)

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
 def _properties(args: argparse.Namespace, config, model, x, y) -> dict:
     import torch
 
-    from ..verify import robustness_property, write_vnnlib
+    from ..verifier import robustness_property, write_vnnlib
     eps = config.eps if args.eps is None else args.eps
     folder = Path(args.vnnlib)
     folder.mkdir(parents=True, exist_ok=True)

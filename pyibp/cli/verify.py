@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     model, prop = _problem(args.onnx, args.vnnlib, {})
     outcome = _verify(args.onnx, model, prop, _budget(args.timeout or 60.0, start), device, args)
     if args.results is not None:
-        from ..verify.results import write_results
+        from ..verifier.results import write_results
         write_results(args.results, outcome)
     out.show(f"{outcome.status}  ({outcome.seconds:.2f} s)  {args.onnx}  {args.vnnlib}")
     out.result({"onnx": args.onnx, "vnnlib": args.vnnlib, **outcome.to_json()})
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
 def _problem(onnx_path: str, vnnlib_path: str, models: Dict[str, Any]):
     """The converted network (cached per file) and the property shaped as its input; CLIError
     naming the file for anything unreadable."""
-    from ..verify import OnnxModelError, load_onnx, read_vnnlib
+    from ..verifier import OnnxModelError, load_onnx, read_vnnlib
     model = models.get(onnx_path)
     if model is None:
         try:
@@ -88,7 +88,7 @@ def _budget(timeout: float, start: float) -> float:
 
 
 def _verify(onnx_path: str, model, prop, timeout: float, device, args):
-    from ..verify import complete_verify
+    from ..verifier import complete_verify
     outcome = complete_verify(model, prop, timeout=timeout, device=device, sound=args.sound, seed=args.seed)
     if outcome.status == "sat":
         _cross_check(onnx_path, prop, outcome)

@@ -1,4 +1,4 @@
-"""VNN-LIB 1.0 properties: read into a :class:`~pyibp.verify.spec.Property`, and written back.
+"""VNN-LIB 1.0 properties: read into a :class:`~pyibp.verifier.spec.Property`, and written back.
 
 A VNN-LIB file declares the inputs ``X_0 .. X_{n-1}`` and outputs ``Y_0 .. Y_{m-1}`` (flattened
 in row-major order) and asserts the region of counterexamples::
@@ -14,7 +14,7 @@ benchmarks: input bounds at the top level, or inside each disjunct as in ACAS Xu
 comparison is read as its closure) and ``=``, between linear terms (``(+ ..)``, ``(- ..)``,
 ``(* c v)``, variables, numbers). The formula is brought to disjunctive normal form; in each
 disjunct the constraints on inputs must be bounds of single variables and those on outputs are
-rows of ``C y <= d``; disjuncts with the same input box share a :class:`~pyibp.verify.spec.Case`.
+rows of ``C y <= d``; disjuncts with the same input box share a :class:`~pyibp.verifier.spec.Case`.
 Errors are :class:`VNNLibError`, a ValueError saying ``file:line: what is wrong``.
 """
 from __future__ import annotations

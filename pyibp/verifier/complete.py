@@ -1,21 +1,21 @@
-"""Complete verification of a :class:`~pyibp.verify.spec.Property`: falsify, bound, branch and bound.
+"""Complete verification of a :class:`~pyibp.verifier.spec.Property`: falsify, bound, branch and bound.
 
 :func:`complete_verify` answers ``sat`` (with a checked counterexample), ``unsat``, ``timeout`` or
 ``unknown``:
 
 1. every (box, conjunction) subproblem is bounded over its whole box: the conjunction holds nowhere
    (the subproblem is ``unsat``) when some row's lower bound of ``C_i f(x) - d_i`` is > 0;
-2. the falsifier (:mod:`pyibp.verify.falsify`) searches briefly (one round of restarts) for a
+2. the falsifier (:mod:`pyibp.verifier.falsify`) searches briefly (one round of restarts) for a
    counterexample to the subproblems left open;
 3. undecided subproblems with at most :data:`INPUT_SPLIT_DIMS` inputs are split on the input box
    (bisect the dimension of largest width x |gradient|, bound many subdomains per call, prune the
    verified ones, test every subdomain's centre and run the falsifier on the worst ones); larger
-   ones go to :func:`pyibp.verify.bab.relu_split_bab` (ReLU splitting), when it is present;
+   ones go to :func:`pyibp.verifier.bab.relu_split_bab` (ReLU splitting, beta-CROWN);
 4. when subproblems stay undecided, the falsifier searches again, for up to ``falsify_fraction``
    of the timeout.
 
 ``unsat`` comes only from bounds over boxes rounded outward (in sound mode, sound bounds); ``sat``
-only from a point :func:`~pyibp.verify.falsify.check_counterexample` confirms. The domain queue is
+only from a point :func:`~pyibp.verifier.falsify.check_counterexample` confirms. The domain queue is
 capped (``max_domains``): a full queue ends in ``unknown``, never in an out-of-memory error.
 """
 from __future__ import annotations
@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..bounds import interval_bounds, spec_bounds
+from .bab import relu_split_bab
 from .falsify import Counterexample, _Checker, _stack, falsify, model_dtype_device, rounded_box, search
 from .spec import Case, Property
 
@@ -65,27 +67,23 @@ class VerificationOutcome:
 def _lower_bounds(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, d: Optional[Tensor], method: str,
                   sound: bool) -> Tensor:
     """Lower bounds (B, R) of ``C @ f(x).flatten() + d`` over ``lower <= x <= upper`` ((B, *shape) in
-    the model's dtype; C (B, R, K), d (B, R) float64): :func:`pyibp.bounds.spec_bounds` by ``method``
-    when present; in sound mode (or without it) IBP's output bounds (``sound=True``: of the exact-
-    arithmetic network) combined in float64, less a rounding allowance when ``sound``."""
-    from .. import bounds
-    spec_bounds = getattr(bounds, "spec_bounds", None)
-    if spec_bounds is not None and not sound:
+    the model's dtype; C (B, R, K), d (B, R) float64): :func:`pyibp.bounds.spec_bounds` by ``method``;
+    in sound mode, sound IBP's output bounds (of the exact-arithmetic network) combined in float64,
+    less a rounding allowance (spec_bounds has no sound arithmetic for general rows)."""
+    if not sound:
         return spec_bounds(model, lower, upper, C.to(lower.dtype), None if d is None else d.to(lower.dtype),
                            method=method).double()
-    from ..bounds import interval_bounds
     mid = (lower + upper) / 2
     eps = (upper - lower).flatten(1).amax(1)        # the l∞ ball around mid covers the box; ∩ [lower, upper] is it
-    lb, ub = interval_bounds(model, mid, eps, lower=lower, upper=upper, sound=sound)
+    lb, ub = interval_bounds(model, mid, eps, lower=lower, upper=upper, sound=True)
     lb, ub = lb.flatten(1).double(), ub.flatten(1).double()
     pos, neg = C.clamp(min=0), C.clamp(max=0)
     out = torch.einsum("brk,bk->br", pos, lb) + torch.einsum("brk,bk->br", neg, ub)
     if d is not None:
         out = out + d
-    if sound:   # float64 sums of K + 1 terms err by at most (K + 1) u sum |term| (u = 2^-53); doubled
-        size = torch.einsum("brk,bk->br", pos, lb.abs()) - torch.einsum("brk,bk->br", neg, ub.abs())
-        out = out - (size + (0 if d is None else d.abs())) * (C.shape[-1] + 1) * 2.0 ** -52
-    return out
+    # float64 sums of K + 1 terms err by at most (K + 1) u sum |term| (u = 2^-53); doubled
+    size = torch.einsum("brk,bk->br", pos, lb.abs()) - torch.einsum("brk,bk->br", neg, ub.abs())
+    return out - (size + (0 if d is None else d.abs())) * (C.shape[-1] + 1) * 2.0 ** -52
 
 
 class _Run:
@@ -137,9 +135,8 @@ class _Run:
         The methods run from the cheapest (CROWN-IBP) up to ``method``; the next one is skipped when
         the last one's time times its :data:`COST` would not fit in half of what is left, so that
         the bound step keeps to the timeout (CROWN's intermediate bounds are costly on CNNs)."""
-        from .. import bounds
         ladder = [self.method]
-        if self.method in COST and hasattr(bounds, "spec_bounds") and not self.sound:
+        if self.method in COST and not self.sound:
             ladder = [m for m in COST if list(COST).index(m) <= list(COST).index(self.method)]
         undecided = [(k, j) for k, case in enumerate(self.prop.cases) for j in range(len(case.conjunctions))]
         for step, method in enumerate(ladder):
@@ -255,12 +252,8 @@ class _Run:
         return found
 
     def relu_split(self, k: int, j: int) -> Union[str, Counterexample]:
-        """:func:`pyibp.verify.bab.relu_split_bab` on subproblem (k, j) over its outward-rounded box;
-        ``"unknown"`` without it (or in sound mode while it has no sound bounds)."""
-        try:
-            from .bab import relu_split_bab
-        except ImportError:
-            return "unknown"
+        """:func:`pyibp.verifier.bab.relu_split_bab` on subproblem (k, j) over its outward-rounded box
+        (``"unknown"`` in sound mode where it has no sound bounds)."""
         case = self.prop.cases[k]
         cj = case.conjunctions[j]
         lo, hi = rounded_box(case.lower, case.upper, self.dtype, inward=False)
@@ -271,7 +264,7 @@ class _Run:
             if self.sound:
                 return "unknown"
             raise
-        self.stats["domains"] += int(getattr(result, "domains", 0))
+        self.stats["domains"] += int(result.domains)
         if result.status == "sat":
             # its point is checked again here, against the property itself (in the exact box)
             cex = None if result.x is None else self.checker(result.x.to(self.device, self.dtype).reshape(
@@ -287,7 +280,7 @@ def complete_verify(model: nn.Module, prop: Property, *, timeout: float = 60.0, 
     of its conjunctions?
 
     Args:
-        model: an nn.Module pyibp can bound (e.g. :func:`~pyibp.verify.onnx.load_onnx`'s), moved to
+        model: an nn.Module pyibp can bound (e.g. :func:`~pyibp.verifier.onnx.load_onnx`'s), moved to
             ``device`` and put in eval mode.  prop: the counterexample region.
         timeout: seconds for the whole call (honoured to within a bound call or a falsifier step).
         device: where to compute (default the model's).  sound: sound bounds for ``unsat``.
