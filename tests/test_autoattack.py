@@ -11,7 +11,7 @@ from torch import nn
 import pyibp
 from pyibp import ops
 from pyibp.attacks import apgd, apgd_checkpoints, attack_loss, autoattack, fab, pgd, square
-from pyibp.certified_training import ibp_loss
+from pyibp.training import ibp_loss
 from pyibp.data import mnist5k
 from pyibp.reference import apgd_step_ref
 

@@ -15,13 +15,13 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     """Adds the subcommand to the ``pyibp`` parser (``command`` makes its sub-parser)."""
+    from ..evaluation import METHODS
     p = command("certify", "verified error of a trained run (IBP, CROWN-IBP)",
                 "Verified error of a run's model on its test set: an example is verified when it is\n"
                 "classified correctly and no input of its ε-box can change that, as the bounds prove.\n"
                 "The result is printed and merged into RUN_DIR/certify.json.")
     run_evaluation_options(p, "certify")
-    p.add_argument("--method", nargs="+", choices=("ibp", "crown-ibp"), default=["ibp", "crown-ibp"],
-                   help="bounding methods")
+    p.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS), help="bounding methods")
     p.add_argument("--float64", action="store_true", help="compute the bounds in float64")
     p.add_argument("--sound", action="store_true",
                    help="certificates of the network in exact real arithmetic, whatever the float rounding "
@@ -35,7 +35,7 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     """Runs ``pyibp certify``; returns the exit code."""
     import torch
-    from ..certify import verify
+    from ..evaluation import verify
     from ..data import loader
     from ..runs import eval_batch_size
     device = torch_device(args.device)
