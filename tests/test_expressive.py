@@ -137,8 +137,9 @@ def test_each_method_trains_a_small_model_below_chance(method):
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     step = 0
     for epoch in range(3):
-        metrics, step = train_epoch(model, method(0.05, 0.0, attack_steps=1), loader(data, 50, shuffle=True, seed=epoch),
-                                    opt, step=step, generator=torch.Generator().manual_seed(epoch), quiet=True)
+        batches = loader(data, 50, shuffle=True, seed=epoch)
+        metrics, step = train_epoch(model, method(0.05, 0.0, attack_steps=1), batches, opt, step=step,
+                                    generator=torch.Generator().manual_seed(epoch), quiet=True)
     assert step == 24 and metrics["error"] < 0.5 and metrics["verified_error"] <= 1.0
     result = verify(model.eval(), loader(data, 200), 0.05, quiet=True)
     assert result.clean_error < 0.5

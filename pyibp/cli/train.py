@@ -99,7 +99,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
                    help="step schedule: decay at these fractions of all steps")
     g.add_argument("--lr-decay", type=unit, help="step schedule: factor per decay")
     a = parser.add_argument_group(f"attacks of adversarial training ({_readers('attack_alpha', 'attack_steps')})")
-    a.add_argument("--attack-steps", type=count(1), help="PGD steps per training batch (default: 10)")
+    a.add_argument("--attack-steps", type=count(1),
+                   help="PGD steps per training batch (default: the method's, see below)")
     a.add_argument("--attack-alpha", type=positive,
                    help="step size (default: 2.5 ε / steps for pgd, 1.25 ε for fgsm)")
     a.add_argument("--attack-random-start", action=argparse.BooleanOptionalAction, default=None,
@@ -107,7 +108,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     x = parser.add_argument_group(f"expressive losses ({_readers('expressive_alpha', 'sabr_lambda')}: De Palma et al. "
                                   "2024, Müller et al. 2023); their attack takes --attack-steps (defaults below)")
     x.add_argument("--expressive-alpha", type=unit,
-                   help=f"{_readers('expressive_alpha')}: the IBP share α of the loss; 1: IBP, 0: the adversarial loss")
+                   help=f"{_readers('expressive_alpha')}: the IBP share α of the loss; 1: IBP, 0: the adversarial "
+                        "loss")
     x.add_argument("--sabr-lambda", type=unit,
                    help=f"{_readers('sabr_lambda')}: radius of the propagated small box, as a share of ε")
     x.add_argument("--attack-step-scale", type=positive,

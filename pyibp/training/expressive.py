@@ -150,7 +150,7 @@ class ExpressiveTraining(CertifiedTraining):
     Subclasses give :meth:`robust_term`.
     """
 
-    options = CertifiedTraining.options + ("attack_steps",)
+    options = CertifiedTraining.options + ("attack_steps", "attack_step_scale")
 
     def __init__(self, eps: Union[float, Schedule], kappa: Union[float, Schedule] = 0.0, *, attack_steps: int = 1,
                  attack_step_scale: float = 10.0, attack_eps_scale: float = 1.0, **options: Any):
