@@ -30,7 +30,7 @@ from torchvision.models import resnet18
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyibp  # noqa: E402
 from common import devices, interleaved_medians, peak_bytes, print_table, write_json  # noqa: E402
-from pyibp.bounds import crown as crown_engine  # noqa: E402
+from pyibp.bounds import coefficients, crown as crown_engine  # noqa: E402
 from pyibp.bounds.checks import _check_labels, _check_model_device, check_box  # noqa: E402
 from pyibp.bounds.graph import ConvParams, _capture  # noqa: E402
 from pyibp.bounds.ibp import FusedBackend  # noqa: E402
@@ -108,9 +108,9 @@ def sequential_margins(model: nn.Sequential, x, y, eps: float, crown: bool):
         others = crown_engine._other_classes(y, ibp.shape[1])
         A = last.weight[y][:, None, :] - last.weight[others]
         const = last.bias[y][:, None] - last.bias[others]
-        # the backward pass in chunks of examples on CPU, as before (see crown._examples_per_chunk)
+        # the backward pass in chunks of examples on CPU, as before (see coefficients._examples_per_chunk)
         per_example = A.shape[1] * max(math.prod(shape) for shape in shapes) * A.element_size()
-        chunk = max(1, min(x.shape[0], crown_engine._CPU_CHUNK_BYTES // per_example))
+        chunk = max(1, min(x.shape[0], coefficients._CPU_CHUNK_BYTES // per_example))
         split = lambda pair: list(zip(*(t.split(chunk) for t in pair)))  # noqa: E731
         pieces = {i: split(b) for i, b in boxes.items()}
         bound = torch.cat([_seq_backward(layers, shapes, a, c, {i: p[k] for i, p in pieces.items()}, b)

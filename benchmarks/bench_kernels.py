@@ -38,6 +38,10 @@ def kernels(n: int, device: torch.device, dtype: torch.dtype) -> Dict[str, Tuple
     A = torch.randn(max(1, count // (rows * 4096)), rows, 4096, device=device, dtype=dtype)
     box_mu = torch.randn(A.shape[0], 4096, device=device, dtype=dtype)
     box_rad = torch.rand_like(box_mu)
+    slopes = torch.rand_like(A)                     # alpha-CROWN's last layer: one slope per row and neuron
+    grad_A, grad_shift = torch.randn_like(A), torch.randn(A.shape[:2], device=device, dtype=dtype)
+    alpha_inputs = [A, box_mu - box_rad, box_mu + box_rad, slopes]
+    alpha_leaves = [t.detach().requires_grad_() for t in alpha_inputs]     # the twin's autograd inputs
     out_mu, out_rad = ops.interval_relu(mu, rad)
 
     def pgd_plain():
@@ -63,6 +67,13 @@ def kernels(n: int, device: torch.device, dtype: torch.dtype) -> Dict[str, Tuple
                             lambda: reference.relu_relaxation_ref(mu - rad, mu + rad), 5 * count * size),
         "crown_relu_step": (lambda: ops.crown_relu_step(A, box_mu, box_rad),
                             lambda: reference.crown_relu_step_ref(A, box_mu, box_rad), 2 * A.numel() * size),
+        "crown_relu_alpha_step": (lambda: ops.crown_relu_alpha_step(*alpha_inputs),
+                                  lambda: reference.crown_relu_alpha_step_ref(*alpha_inputs), 3 * A.numel() * size),
+        "crown_relu_alpha_step_backward": (
+            lambda: torch.ops.pyibp.crown_relu_alpha_step_backward(grad_A, grad_shift, *alpha_inputs),
+            lambda: torch.autograd.grad(reference.crown_relu_alpha_step_ref(*alpha_leaves), alpha_leaves,
+                                        (grad_A, grad_shift)),
+            5 * A.numel() * size),
         "pgd_linf_step_": (lambda: ops.pgd_linf_step_(delta, grad, x, eps, eps / 10, 0.0, 1.0), pgd_plain,
                            4 * count * size),
     }
@@ -73,7 +84,7 @@ def run(args) -> None:
     for device in devices(args.device):
         work = kernels(args.elements, device, torch.float32)
         for name, (fused, plain, moved) in work.items():
-            with torch.no_grad() if name != "interval_relu_backward" else torch.enable_grad():
+            with torch.enable_grad() if name.endswith("_backward") else torch.no_grad():
                 t = interleaved_medians({"fused": fused, "plain": plain}, device, repeats=args.repeats)
             row = {"device": device.type, "kernel": name, "fused_ms": 1e3 * t["fused"],
                    "fused_GB_per_s": moved / t["fused"] / 1e9, "plain_ms": 1e3 * t["plain"],

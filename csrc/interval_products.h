@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/OpMathType.h>
 
 #include <limits>
 
@@ -91,6 +92,61 @@ inline void check_crown_relu_step_backward(const at::Tensor& grad_out, const at:
   PYIBP_CHECK_SAME_DEVICE(grad_shift, A);
   TORCH_CHECK(grad_shift.dim() == 2 && grad_shift.size(0) == A.size(0) && grad_shift.size(1) == A.size(1),
               "grad_shift must have shape (", A.size(0), ", ", A.size(1), "), got ", grad_shift.sizes());
+}
+
+// A (B, R, N); the pre-activation bounds lower, upper (B, N); the lower slopes alpha (Ba, Ra, N) with
+// Ba in {1, B} and Ra in {1, R} (shared over the examples or the rows when 1); one dtype, one device.
+inline void check_crown_relu_alpha_step(const at::Tensor& A, const at::Tensor& lower, const at::Tensor& upper,
+                                        const at::Tensor& alpha) {
+  PYIBP_CHECK_FLOAT(A);
+  PYIBP_CHECK_DIM(A, 3);
+  PYIBP_CHECK_DIM(lower, 2);
+  PYIBP_CHECK_DIM(alpha, 3);
+  PYIBP_CHECK_SAME_SHAPE(lower, upper);
+  const auto like_A = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == A.scalar_type(), name, " must have A's dtype ", A.scalar_type(), ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == A.device(), name, " must be on A's device ", A.device(), ", got ", t.device());
+  };
+  like_A(lower, "lower");
+  like_A(upper, "upper");
+  like_A(alpha, "alpha");
+  const int64_t B = A.size(0), R = A.size(1), N = A.size(2);
+  TORCH_CHECK(lower.size(0) == B && lower.size(1) == N, "lower and upper must have shape (B, N) = (", B, ", ", N,
+              ") to match A ", A.sizes(), ", got ", lower.sizes());
+  TORCH_CHECK((alpha.size(0) == B || alpha.size(0) == 1) && (alpha.size(1) == R || alpha.size(1) == 1) &&
+                  alpha.size(2) == N,
+              "alpha must have shape (B or 1, R or 1, N) = (", B, " or 1, ", R, " or 1, ", N, ") to match A ",
+              A.sizes(), ", got ", alpha.sizes());
+}
+
+inline void check_crown_relu_alpha_step_backward(const at::Tensor& grad_out, const at::Tensor& grad_shift,
+                                                 const at::Tensor& A, const at::Tensor& lower,
+                                                 const at::Tensor& upper, const at::Tensor& alpha) {
+  check_crown_relu_alpha_step(A, lower, upper, alpha);
+  PYIBP_CHECK_SAME_SHAPE(grad_out, A);
+  PYIBP_CHECK_SAME_DTYPE(grad_out, A);
+  PYIBP_CHECK_SAME_DTYPE(grad_shift, A);
+  PYIBP_CHECK_SAME_DEVICE(grad_out, A);
+  PYIBP_CHECK_SAME_DEVICE(grad_shift, A);
+  TORCH_CHECK(grad_shift.dim() == 2 && grad_shift.size(0) == A.size(0) && grad_shift.size(1) == A.size(1),
+              "grad_shift must have shape (", A.size(0), ", ", A.size(1), "), got ", grad_shift.sizes());
+}
+
+// alpha (Ba, Ra, N) as a view of A's shape (B, R, N): its stride is 0 along a dimension it shares.
+inline at::Tensor broadcast_alpha(const at::Tensor& alpha, const at::Tensor& A) {
+  return alpha.contiguous().expand_as(A);
+}
+
+// The buffer of the alpha step's backward for alpha's gradient: one (Ra, N) per example of A, in
+// opmath (B, Ra, N); sum_alpha_grad then sums it over the examples when alpha shares them.
+inline at::Tensor per_example_alpha_grad(const at::Tensor& alpha, const at::Tensor& A) {
+  return at::empty({A.size(0), alpha.size(1), A.size(2)}, A.options().dtype(at::toOpMathType(A.scalar_type())));
+}
+
+inline at::Tensor sum_alpha_grad(const at::Tensor& per_example, const at::Tensor& alpha) {
+  const at::Tensor total = alpha.size(0) == per_example.size(0) ? per_example : per_example.sum(0, /*keepdim=*/true);
+  return total.to(alpha.scalar_type());
 }
 
 // A (B, R, N); the lines alpha, sigma, tau and the optional error weights m_in, m_out (B, N), all

@@ -37,6 +37,13 @@ TORCH_LIBRARY(pyibp, m) {
   m.def("crown_relu_step(Tensor A, Tensor mu, Tensor rad) -> (Tensor, Tensor)");
   m.def("crown_relu_step_backward(Tensor grad_out, Tensor grad_shift, Tensor A, Tensor mu, Tensor rad) "
         "-> (Tensor, Tensor, Tensor)");
+  // The same step with given lower slopes (alpha-CROWN): pre-activation bounds lower, upper (B, N)
+  // and the slopes alpha (Ba, Ra, N), Ba in {1, B}, Ra in {1, R}, used on unstable neurons only
+  // (1 and 0 elsewhere). The backward returns (grad_A, grad_lower, grad_upper, grad_alpha), the last
+  // summed over what alpha shares.
+  m.def("crown_relu_alpha_step(Tensor A, Tensor lower, Tensor upper, Tensor alpha) -> (Tensor, Tensor)");
+  m.def("crown_relu_alpha_step_backward(Tensor grad_out, Tensor grad_shift, Tensor A, Tensor lower, "
+        "Tensor upper, Tensor alpha) -> (Tensor, Tensor, Tensor, Tensor)");
   // One sound CROWN step back through ReLUs with the lines alpha z <= relu(z) <= sigma z + tau
   // (B, N), rounded outward by the caller: A' = A+ alpha + A- sigma (B, R, N) and per row the sums
   // (B, R) of A- tau, of |A| m_in and of |A'| m_out (the error weights of the coefficients before

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import PGD, Attack
-from .bounds import margin_bounds
+from .bounds import METHODS, AlphaOptions, margin_bounds
 from .data import batches, progress
 from .models import eval_mode, model_device
 from .precision import full_precision
@@ -40,8 +40,6 @@ __all__ = ["evaluate", "verify", "robustness_report", "VerificationResult", "MET
 
 Device = Union[str, torch.device, None]
 Data = Union[Iterable[Tuple[Tensor, Tensor]], Tuple[Tensor, Tensor]]
-# The bounding methods of verification (pyibp certify --method reads them here).
-METHODS = ("ibp", "crown-ibp")
 
 
 @dataclass
@@ -105,9 +103,11 @@ def _check_eps(eps: float) -> float:
 
 
 def _certify_batch(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str, lower: float, upper: float,
-                   dtype: Optional[torch.dtype], correct: Tensor, sound: bool = False) -> Tuple[Tensor, Tensor]:
+                   dtype: Optional[torch.dtype], correct: Tensor, sound: bool = False,
+                   alpha: AlphaOptions = AlphaOptions()) -> Tuple[Tensor, Tensor]:
     """(verified, worst margin) of one batch, in eval mode under no_grad."""
-    margins = margin_bounds(model, x, y, eps, lower=lower, upper=upper, method=method, dtype=dtype, sound=sound)
+    margins = margin_bounds(model, x, y, eps, lower=lower, upper=upper, method=method, dtype=dtype, sound=sound,
+                            alpha=alpha)
     worst = margins.scatter(1, y.long()[:, None], math.inf).amin(1)
     return correct & (worst > 0), worst
 
@@ -196,7 +196,8 @@ def _name(attack: Optional[Attack]) -> str:
 
 def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", lower: float = 0.0,
            upper: float = 1.0, dtype: Optional[torch.dtype] = None, device: Device = None,
-           batch_size: int = 256, quiet: bool = True, sound: bool = False) -> VerificationResult:
+           batch_size: int = 256, quiet: bool = True, sound: bool = False,
+           alpha: AlphaOptions = AlphaOptions()) -> VerificationResult:
     """Certifies every example of ``data`` against l∞ perturbations of size ``eps``.
 
     Runs the model in eval mode (every submodule's mode is restored afterwards) without gradients.
@@ -204,7 +205,8 @@ def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", low
     Args:
         data: a loader yielding ``(x, y)`` batches, or a pair of tensors ``(x, y)``
             (x (N, *) in [lower, upper], y (N,)), cut into batches of ``batch_size``.
-        eps: the radius.  method: ``"ibp"`` or ``"crown-ibp"`` (never looser than IBP).
+        eps: the radius.  method: ``"ibp"``, ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"``, each
+            never looser than the one before (:func:`pyibp.margin_bounds`); ``alpha`` sets alpha-CROWN's steps.
         dtype: compute the bounds in this dtype (torch.float64 makes float32 rounding smaller, not gone).
         device: where the batches go (default: the model's).
         sound: certificates of the network in exact real arithmetic, whatever the float rounding
@@ -231,7 +233,7 @@ def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", low
             # The classification is part of the certificate: in IEEE float32 too (pyibp.precision).
             with full_precision(x.device.type):
                 right = model(x).argmax(1) == y
-            v, w = _certify_batch(model, x, y, eps, method, lower, upper, dtype, right, sound)
+            v, w = _certify_batch(model, x, y, eps, method, lower, upper, dtype, right, sound, alpha)
             verified.append(v.cpu())
             worst.append(w.cpu())
             correct.append(right.cpu())
@@ -242,7 +244,7 @@ def verify(model: nn.Module, data: Data, eps: float, *, method: str = "ibp", low
 
 def robustness_report(model: nn.Module, data: Data, eps: float, *, pgd_steps: int = 40, pgd_restarts: int = 1,
                       alpha: Optional[float] = None, random_start: Optional[bool] = None,
-                      attack: Optional[Attack] = None, methods: Sequence[str] = METHODS, lower: float = 0.0,
+                      attack: Optional[Attack] = None, methods: Sequence[str] = METHODS[:2], lower: float = 0.0,
                       upper: float = 1.0, dtype: Optional[torch.dtype] = None, device: Device = None,
                       batch_size: int = 256, generator: Optional[torch.Generator] = None,
                       quiet: bool = True) -> Dict[str, object]:

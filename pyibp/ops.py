@@ -18,7 +18,7 @@ from . import _C  # noqa: F401  (loads the operator library)
 __all__ = [
     "input_box", "interval_linear", "interval_conv2d", "interval_relu", "interval_affine",
     "center_to_interval", "interval_to_center", "margin_elision", "relu_relaxation", "crown_relu_step",
-    "sound_crown_relu_step", "sound_relu", "sound_relu_", "sound_radius_operand",
+    "crown_relu_alpha_step", "sound_crown_relu_step", "sound_relu", "sound_relu_", "sound_radius_operand",
     "pgd_linf_step_", "pgd_l2_step_", "abs_weight",
 ]
 
@@ -496,6 +496,66 @@ def _crown_relu_step_backward(ctx, grad_out, grad_shift):
 
 torch.library.register_autograd("pyibp::crown_relu_step", _crown_relu_step_backward,
                                 setup_context=_crown_relu_step_setup)
+
+
+def crown_relu_alpha_step(A: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor]:
+    """One α-CROWN step back through a ReLU with given lower slopes ``alpha``, in one pass over ``A``.
+
+    Per neuron of the pre-activation box ``[lower, upper]``: dead (``upper <= 0``) ``s_low = s_up =
+    t = 0``; active (``lower >= 0``) ``s_low = s_up = 1, t = 0``; unstable (``lower < 0 < upper``)
+    ``s_low = alpha``, ``s_up = upper / (upper - lower)``, ``t = -lower * s_up``. Then, as
+    :func:`crown_relu_step` does with CROWN's slopes::
+
+        out = A⁺ * s_low + A⁻ * s_up            # (B, R, N), A⁺ = max(A, 0), A⁻ = min(A, 0)
+        shift = (A⁻ * t).sum(-1)                # (B, R)
+
+    Equivalent to :func:`pyibp.reference.crown_relu_alpha_step_ref`. ``alpha`` is used as given
+    (the caller projects it onto [0, 1], where every slope gives a valid bound) and read on
+    unstable neurons only; NaN bounds give NaN coefficients. Differentiable in ``A``, ``lower``,
+    ``upper`` and ``alpha`` (once): ``d out / d alpha = A⁺`` on unstable neurons, summed over what
+    ``alpha`` shares; ``lower`` and ``upper`` get gradients through ``s_up`` and ``t``. At ``A = 0``
+    the derivative in ``A`` is the one from the side of ``A⁺`` (``s_low``, no intercept term).
+
+    Args:
+        A: (B, R, N) — R specification rows per example over N neurons.
+        lower, upper: (B, N) pre-activation bounds, ``lower <= upper``.
+        alpha: (Ba, Ra, N) lower slopes, ``Ba`` in {1, B} and ``Ra`` in {1, R}: one per row and
+            neuron, or shared over the rows (``Ra = 1``) and/or the examples (``Ba = 1``).
+    Returns:
+        ``(out, shift)``: (B, R, N) contiguous and (B, R).
+
+    Example:
+        >>> A = torch.tensor([[[1.0, -2.0]]])
+        >>> crown_relu_alpha_step(A, torch.tensor([[-2.0, -2.0]]), torch.tensor([[4.0, 4.0]]),
+        ...                       torch.tensor([[[0.25, 0.25]]]))
+        (tensor([[[ 0.2500, -1.3333]]]), tensor([[-2.6667]]))
+    """
+    return _ops.crown_relu_alpha_step.default(A, lower, upper, alpha)
+
+
+@torch.library.register_fake("pyibp::crown_relu_alpha_step")
+def _(A, lower, upper, alpha):
+    return torch.empty_like(A.contiguous()), A.new_empty(A.shape[:2])
+
+
+@torch.library.register_fake("pyibp::crown_relu_alpha_step_backward")
+def _(grad_out, grad_shift, A, lower, upper, alpha):
+    lower = lower.contiguous()
+    return (torch.empty_like(A.contiguous()), torch.empty_like(lower), torch.empty_like(lower),
+            torch.empty_like(alpha.contiguous()))
+
+
+def _crown_relu_alpha_step_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _crown_relu_alpha_step_backward(ctx, grad_out, grad_shift):
+    grads = _ops.crown_relu_alpha_step_backward.default(grad_out, grad_shift, *ctx.saved_tensors)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+torch.library.register_autograd("pyibp::crown_relu_alpha_step", _crown_relu_alpha_step_backward,
+                                setup_context=_crown_relu_alpha_step_setup)
 
 
 def sound_crown_relu_step(A: Tensor, alpha: Tensor, sigma: Tensor, tau: Tensor, m_in: Optional[Tensor] = None,

@@ -93,6 +93,15 @@ def crown_relu_step_ref(A: Tensor, mu: Tensor, rad: Tensor) -> Pair:
     return A_pos * lower_slope.detach() + A_neg * upper_slope, (A_neg * intercept).sum(-1)
 
 
+def crown_relu_alpha_step_ref(A: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor) -> Pair:
+    _, upper_slope, intercept = (t[:, None] for t in relu_relaxation_ref(lower, upper))
+    unstable = ((lower < 0) & (upper > 0))[:, None]
+    lower_slope = torch.where(unstable, alpha, upper_slope)       # 1 (active), 0 (dead) or NaN elsewhere
+    negative = A < 0                                              # A = 0 takes the lower line, as the kernels do
+    out = torch.where(negative, A * upper_slope, A * lower_slope)
+    return out, torch.where(negative, A * intercept, torch.zeros_like(A)).sum(-1)
+
+
 def sound_crown_relu_step_ref(A: Tensor, alpha: Tensor, sigma: Tensor, tau: Tensor, m_in: Optional[Tensor],
                               m_out: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     out = torch.where(A < 0, A * sigma[:, None], A * alpha[:, None])

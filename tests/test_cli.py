@@ -156,6 +156,20 @@ def test_certify_sound_records_the_kind_of_certificate(run, capsys):
     assert results["crown-ibp"]["verified_error"] <= results["ibp"]["verified_error"]
 
 
+def test_certify_with_crown_and_alpha_crown_records_method_steps_and_time(run, capsys):
+    folder, _ = run
+    code, out, _ = run_main(["certify", str(folder), "--method", "crown-ibp", "crown", "alpha-crown",
+                             "--alpha-steps", "3", "--test-subset", "6", "--device", "cpu", "--json"], capsys)
+    results = json.loads(out)["results"]
+    assert code == 0 and list(results) == ["crown-ibp", "crown", "alpha-crown"]
+    assert (results["alpha-crown"]["verified_error"] <= results["crown"]["verified_error"]
+            <= results["crown-ibp"]["verified_error"])
+    saved = json.loads((folder / "certify.json").read_text())["results"]["alpha-crown eps=0.1"]
+    assert saved["method"] == "alpha-crown" and saved["steps"] == 3 and saved["seconds"] > 0
+    code, _, err = run_main(["certify", str(folder), "--method", "alpha-crown", "--alpha-steps", "-1"], capsys)
+    assert code == 2 and "steps must be an integer >= 0, got -1" in err
+
+
 def test_landscape_draws_the_runs_side_by_side(run, tmp_path):
     folder, _ = run
     out = tmp_path / "loss.png"

@@ -475,7 +475,7 @@ def test_backward_pass_in_chunks_of_examples_equals_the_whole_batch(make, monkey
         return m.detach(), [p.grad.clone() for p in model.parameters()]
 
     whole, whole_grads = bounds_and_grads()
-    monkeypatch.setattr(pyibp.bounds.crown, "_CPU_CHUNK_BYTES", 1)       # one example at a time
+    monkeypatch.setattr(pyibp.bounds.coefficients, "_CPU_CHUNK_BYTES", 1)       # one example at a time
     chunked, chunked_grads = bounds_and_grads()
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     for a, b in zip(chunked_grads, whole_grads):

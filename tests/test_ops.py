@@ -70,6 +70,91 @@ def test_crown_relu_step_matches_reference(device, dtype, shape, layout):
     close(out, reference.crown_relu_step_ref(A, mu, rad), dtype)
 
 
+ALPHA_SHARING = ["per_row", "shared_rows", "shared_examples", "shared_both"]
+
+
+def _alpha_inputs(batch, rows, n, dtype, device, sharing="per_row"):
+    """(A, lower, upper, alpha) as _crown_relu_inputs gives them, with slopes in [0, 1] of shape
+    (B or 1, R or 1, N) as ``sharing`` says."""
+    A, mu, rad = _crown_relu_inputs(batch, rows, n, dtype, device)
+    shape = (1 if sharing in ("shared_examples", "shared_both") else batch,
+             1 if sharing in ("shared_rows", "shared_both") else rows, n)
+    return A, mu - rad, mu + rad, torch.rand(shape, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("shape", [(5, 9, 37), (3, 1, 1000), (0, 9, 4), (2, 0, 4), (2, 3, 0)])
+@pytest.mark.parametrize("sharing", ALPHA_SHARING)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_crown_relu_alpha_step_matches_reference(device, dtype, shape, sharing, layout):
+    args = _alpha_inputs(*shape, dtype, device, sharing)
+    if layout == "strided":
+        args = tuple(noncontiguous(t) for t in args)
+    out = ops.crown_relu_alpha_step(*args)
+    assert out[0].shape == args[0].shape and out[0].is_contiguous() and out[1].shape == args[0].shape[:2]
+    close(out, reference.crown_relu_alpha_step_ref(*args), dtype)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("sharing", ALPHA_SHARING)
+def test_crown_relu_alpha_step_gradients_match_reference_autograd(device, sharing):
+    """All four gradients, exact zeros of A included (both sides take the lower line at A = 0),
+    with alpha's summed over the rows and examples it shares."""
+    torch.manual_seed(1)
+    inputs = [t.requires_grad_() for t in _alpha_inputs(4, 3, 50, torch.float64, device, sharing)]
+    assert (inputs[0] == 0).any()
+    g = torch.randn(4, 3, 50, dtype=torch.float64, device=device), torch.randn(4, 3, dtype=torch.float64,
+                                                                              device=device)
+    fused = torch.autograd.grad(ops.crown_relu_alpha_step(*inputs), inputs, g)
+    expected = torch.autograd.grad(reference.crown_relu_alpha_step_ref(*inputs), inputs, g)
+    for a, e, x in zip(fused, expected, inputs):
+        assert a.shape == x.shape
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("sharing", ALPHA_SHARING)
+def test_gradcheck_crown_relu_alpha_step(sharing):
+    """Away from the kinks (A = 0, l = 0, u = 0), where the step is smooth in all four inputs."""
+    A = _d(2, 3, 6)
+    A = (A + A.detach().sign() * 0.3).detach().requires_grad_()
+    lower = torch.tensor([[0.5, -1.5, -0.8, -0.2, -2.0, 0.3]] * 2, dtype=torch.float64, requires_grad=True)
+    upper = torch.tensor([[1.5, -0.5, 1.2, 1.8, 0.4, 0.9]] * 2, dtype=torch.float64, requires_grad=True)
+    alpha = torch.rand(2 if sharing in ("per_row", "shared_rows") else 1,
+                       3 if sharing in ("per_row", "shared_examples") else 1, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(ops.crown_relu_alpha_step, (A, lower, upper, alpha.requires_grad_()))
+
+
+@pytest.mark.parametrize("device", devices)
+def test_crown_relu_alpha_step_is_a_sound_lower_bound(device):
+    """For slopes anywhere in [0, 1] (the ends included), A relu(z) >= out z + shift at sampled z
+    of the box, and alpha = CROWN's adaptive slope gives crown_relu_step exactly."""
+    torch.manual_seed(2)
+    A, lower, upper, alpha = _alpha_inputs(3, 4, 30, torch.float64, device)
+    alpha[..., ::3] = alpha[..., ::3].round()
+    out, shift = ops.crown_relu_alpha_step(A, lower, upper, alpha)
+    z = lower + (upper - lower) * torch.rand(200, *lower.shape, dtype=torch.float64, device=device)
+    exact = torch.einsum("brn,sbn->sbr", A, z.relu())
+    assert (exact >= torch.einsum("brn,sbn->sbr", out, z) + shift - 1e-12).all()
+    adaptive = (upper > -lower).double()[:, None].expand_as(A)
+    mu, rad = (upper + lower) / 2, (upper - lower) / 2
+    for a, e in zip(ops.crown_relu_alpha_step(A, lower, upper, adaptive), ops.crown_relu_step(A, mu, rad)):
+        torch.testing.assert_close(a, e)
+
+
+def test_crown_relu_alpha_step_refuses_bad_arguments():
+    A, lower, upper, alpha = _alpha_inputs(2, 3, 4, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"alpha must have shape \(B or 1, R or 1, N\) = \(2 or 1, 3 or 1, 4\)"):
+        ops.crown_relu_alpha_step(A, lower, upper, alpha[:, :2])
+    with pytest.raises(RuntimeError, match=r"lower and upper must have shape \(B, N\) = \(2, 4\)"):
+        ops.crown_relu_alpha_step(A, lower[:, :3], upper[:, :3], alpha)
+    with pytest.raises(RuntimeError, match="lower and upper must have the same shape"):
+        ops.crown_relu_alpha_step(A, lower, upper[:1], alpha)
+    with pytest.raises(RuntimeError, match="alpha must have A's dtype Float, got Double"):
+        ops.crown_relu_alpha_step(A, lower, upper, alpha.double())
+    with pytest.raises(RuntimeError, match="grad_shift must have shape \\(2, 3\\)"):
+        torch.ops.pyibp.crown_relu_alpha_step_backward(A, torch.ones(2, 4), A, lower, upper, alpha)
+
+
 def _sound_relu_inputs(batch, rows, n, dtype, device, weights=True):
     """A with both signs and zeros; lines of dead (0, 0, 0), active (1, 1, 0) and unstable neurons."""
     A, mu, rad = _crown_relu_inputs(batch, rows, n, dtype, device)
@@ -446,6 +531,13 @@ def test_opcheck_all_operators(device, layout):
     flat_rad = L(torch.rand(3, 100, **kw).requires_grad_())
     A = L(torch.randn(3, 2, 100, **kw).requires_grad_())
     _opcheck(torch.ops.pyibp.crown_relu_step.default, (A, flat_mu, flat_rad))
+    bounds = [L((flat_mu - flat_rad).detach().requires_grad_()), L((flat_mu + flat_rad).detach().requires_grad_())]
+    for shape in ((3, 2, 100), (1, 1, 100)):      # a slope per row, and one shared by every row and example
+        slopes = L(torch.rand(shape, **kw).requires_grad_())
+        _opcheck(torch.ops.pyibp.crown_relu_alpha_step.default, (A, *bounds, slopes))
+        _opcheck(torch.ops.pyibp.crown_relu_alpha_step_backward.default,
+                 (L(torch.randn(3, 2, 100, **kw)), torch.randn(3, 2, **kw), A.detach(), *(b.detach() for b in bounds),
+                  slopes.detach()))
     _opcheck(torch.ops.pyibp.sound_crown_relu_step.default,
              tuple(_laid_out(t, layout) for t in _sound_relu_inputs(3, 2, 100, torch.float32, device)))
     plain_mu, plain_rad = mu.detach(), rad.detach()
@@ -567,6 +659,14 @@ def test_a_nan_never_becomes_a_finite_box(device):
     step, shift = ops.crown_relu_step(A, torch.tensor([[nan, 0.0, nan]], device=device),
                                       torch.tensor([[1.0, nan, 1.0]], device=device))
     assert step.isnan().all() and shift.isnan().all()
+    t = lambda *v: torch.tensor(v, device=device)  # noqa: E731
+    step, shift = ops.crown_relu_alpha_step(A, t([nan, -1.0, nan]), t([1.0, nan, nan]), torch.full((1, 1, 3), 0.5,
+                                                                                                  device=device))
+    assert step.isnan().all() and shift.isnan().all()
+    # A NaN slope reaches the coefficients of its unstable neuron where A >= 0; a stable neuron's is never read.
+    step, _ = ops.crown_relu_alpha_step(t([[1.0, -1.0, 0.0, 1.0]]), t([-1.0, -1.0, -1.0, 1.0]),
+                                        t([1.0, 1.0, 1.0, 2.0]), torch.full((1, 1, 4), nan, device=device))
+    assert step[0, 0, [0, 2]].isnan().all() and step[0, 0, 1] == -0.5 and step[0, 0, 3] == 1.0
     scale = torch.tensor([nan, 1.0], device=device)
     for out in ops.interval_affine(torch.zeros(1, 2, device=device), torch.ones(1, 2, device=device), scale,
                                    torch.zeros(2, device=device)):
@@ -689,6 +789,13 @@ def test_reduced_precision_matches_float32_reference(device, dtype):
     A = torch.randn(4, 2, 6, device=device).to(dtype)
     close(up(ops.crown_relu_step(A, x - 0.5, x)), reference.crown_relu_step_ref(A.float(), x.float() - 0.5, x.float()),
           dtype)
+    slopes = torch.rand(1, 2, 6, device=device).to(dtype)
+    args32 = (A.float(), (x - 0.5).float(), x.float(), slopes.float())
+    close(up(ops.crown_relu_alpha_step(A, x - 0.5, x, slopes)), reference.crown_relu_alpha_step_ref(*args32), dtype)
+    g = torch.randn(4, 2, 6, device=device).to(dtype), torch.randn(4, 2, device=device).to(dtype)
+    close(up(torch.ops.pyibp.crown_relu_alpha_step_backward(*g, A, x - 0.5, x, slopes)),
+          torch.autograd.grad(reference.crown_relu_alpha_step_ref(*(a.requires_grad_() for a in args32)), args32,
+                              tuple(t.float() for t in g)), dtype)
     delta, grad = torch.zeros_like(mu_l), torch.randn_like(mu_l)
     xb = torch.rand_like(mu_l)
     for step in (ops.pgd_linf_step_, ops.pgd_l2_step_):

@@ -15,8 +15,8 @@ from exact_support import cancelling, exact_forward, fractions, long_sum, roundi
 from pyibp.testing import random_model, sample_box
 
 
-def _crown(model, x, y, eps, **kw):
-    return pyibp.margin_bounds(model, x, y, eps, method="crown-ibp", **kw).detach()
+def _crown(model, x, y, eps, method="crown-ibp", **kw):
+    return pyibp.margin_bounds(model, x, y, eps, method=method, **kw).detach()
 
 
 def _below_exact_margins(m, model, points, y, shape=None) -> bool:
@@ -119,6 +119,26 @@ def test_random_architectures_sound_crown_contains_unsound_and_float64(seed, eps
         out = model.double()(points.flatten(0, 1)).view(20, 2, -1)
     margins = out.gather(2, y[None, :, None].expand(20, 2, 1)) - out
     assert (margins >= sound.double()).all()
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+@pytest.mark.parametrize("seed", range(3))
+def test_sound_crown_and_alpha_crown_are_below_the_exact_margins(seed, method):
+    """CROWN's boxes by sound passes, and alpha-CROWN's float-optimised slopes in the sound pass."""
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny(seed, 4, 8, 3, normalize=seed == 1)
+    x, y, eps = torch.rand(2, 4, generator=gen), torch.tensor([0, 2]), [0.01, 0.1, 0.3][seed]
+    sound = _crown(model, x, y, eps, method, sound=True)
+    assert (sound <= _crown(model, x, y, eps, method)).all()
+    assert (sound >= _crown(model, x, y, eps, sound=True) - 1e-6).all()          # about as tight as sound CROWN-IBP or more
+    for i in range(2):
+        assert _below_exact_margins(sound[i], model, vertices(x[i], eps, 32, gen), int(y[i]))
+    if method == "alpha-crown":
+        for model, x, g in rounding_cases(cancelling):
+            y = torch.zeros(2, dtype=torch.long)
+            sound = _crown(model, x, y, 2.0 ** -40, method, sound=True)
+            for i in range(2):
+                assert _below_exact_margins(sound[i], model, [fractions(x[i])] + vertices(x[i], 2.0 ** -40, 3, g), 0)
 
 
 def test_sound_crown_costs_no_tightness_worth_mentioning():

@@ -131,6 +131,12 @@ def exercise() -> None:
             step, shift = ops.crown_relu_step(A, flat_m, flat_r)
             s_low, s_up, t = ops.relu_relaxation(lo, up)
             total = margins.sum() + step.sum() + shift.sum() + (s_up * t).sum()
+            n = flat_m.shape[1]
+            for slopes, width in ((torch.rand(3, 4, n, **kw), n), (torch.rand(1, 1, n, **kw), 5)):  # 5: a short row
+                a_step, a_shift = ops.crown_relu_alpha_step(A[..., :width], (flat_m - flat_r)[:, :width],
+                                                            (flat_m + flat_r)[:, :width],
+                                                            slopes[..., :width].requires_grad_())
+                total = total + a_step.sum() + a_shift.sum()
             total.float().backward()
             x = torch.rand(3, 5, 7, 6, **kw)
             ops.input_box(x, torch.rand(3, device=dev), 0.0, 1.0)

@@ -269,29 +269,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cpu(const at::Ten
   return {lower_slope, upper_slope, upper_intercept};
 }
 
-// One row of A through the ReLU step; returns the row's shift. The shift is summed in kLanes
-// fixed partial sums (the same order on every run), which lets the compiler vectorise the loop.
+// The sum over i in [0, n) of term(i) in kLanes fixed partial sums (the same order on every run),
+// which lets the compiler vectorise the loop, term's side effects (a row's coefficients) included.
+template <typename acc_t, typename F>
+inline acc_t lane_sum(int64_t n, const F& term) {
+  constexpr int kLanes = 8;
+  acc_t partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC unroll 8
+    for (int lane = 0; lane < kLanes; ++lane) partial[lane] += term(i + lane);
+  }
+  for (; i < n; ++i) partial[0] += term(i);
+  acc_t sum = 0;
+  for (int lane = 0; lane < kLanes; ++lane) sum += partial[lane];
+  return sum;
+}
+
+// One row of A through the ReLU step; returns the row's shift.
 template <typename T>
 opmath_t<T> crown_relu_row(const T* __restrict__ a, const T* __restrict__ m, const T* __restrict__ r,
                            T* __restrict__ out, int64_t n) {
   using acc_t = opmath_t<T>;
-  constexpr int kLanes = 8;
-  acc_t partial[kLanes] = {};
-  const auto one = [&](int64_t i, int lane) {
+  return lane_sum<acc_t>(n, [&](int64_t i) {
     const acc_t mi = acc_t(m[i]), ri = acc_t(r[i]);
     acc_t term;
     out[i] = static_cast<T>(crown_relu_coefficient(acc_t(a[i]), relu_relaxation_at(mi - ri, mi + ri), &term));
-    partial[lane] += term;
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma GCC unroll 8
-    for (int lane = 0; lane < kLanes; ++lane) one(i + lane, lane);
-  }
-  for (; i < n; ++i) one(i, 0);
-  acc_t sum = 0;
-  for (int lane = 0; lane < kLanes; ++lane) sum += partial[lane];
-  return sum;
+    return term;
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> crown_relu_step_cpu(const at::Tensor& A_in, const at::Tensor& mu_in,
@@ -391,6 +396,126 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_step_backward_cpu(
   return {grad_A, grad_mu, grad_rad};
 }
 
+// One row of A through the ReLU step with the lower slopes alpha (of this row); returns its shift.
+template <typename T>
+opmath_t<T> crown_relu_alpha_row(const T* __restrict__ a, const T* __restrict__ l, const T* __restrict__ u,
+                                 const T* __restrict__ alpha, T* __restrict__ out, int64_t n) {
+  using acc_t = opmath_t<T>;
+  return lane_sum<acc_t>(n, [&](int64_t i) {
+    const ReluRelaxation<acc_t> r = relu_relaxation_alpha_at(acc_t(l[i]), acc_t(u[i]), acc_t(alpha[i]));
+    acc_t term;
+    out[i] = static_cast<T>(relu_lines_coefficient(acc_t(a[i]), r.lower_slope, r.upper_slope, r.upper_intercept,
+                                                   &term));
+    return term;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> crown_relu_alpha_step_cpu(const at::Tensor& A_in, const at::Tensor& lower_in,
+                                                             const at::Tensor& upper_in, const at::Tensor& alpha_in) {
+  check_crown_relu_alpha_step(A_in, lower_in, upper_in, alpha_in);
+  const at::Tensor A = A_in.contiguous(), lower = lower_in.contiguous(), upper = upper_in.contiguous();
+  const at::Tensor alpha = broadcast_alpha(alpha_in, A);
+  const int64_t rows = A.size(1), n = A.size(2);
+  const int64_t alpha_example = alpha.stride(0), alpha_row = alpha.stride(1);
+  at::Tensor out = at::empty_like(A), shift = at::empty({A.size(0), rows}, A.options());
+  PYIBP_DISPATCH(A.scalar_type(), "pyibp_crown_relu_alpha_step_cpu", [&] {
+    const scalar_t* __restrict__ a = A.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ l = lower.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ u = upper.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ al = alpha.data_ptr<scalar_t>();
+    scalar_t* __restrict__ o = out.data_ptr<scalar_t>();
+    scalar_t* __restrict__ sh = shift.data_ptr<scalar_t>();
+    // One (example, row) pair per task, as crown_relu_step.
+    at::parallel_for(0, A.size(0) * rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)),
+                     [&](int64_t row0, int64_t row1) {
+      for (int64_t row = row0; row < row1; ++row) {
+        const int64_t b = row / rows, r = row - b * rows;
+        sh[row] = static_cast<scalar_t>(crown_relu_alpha_row(a + row * n, l + b * n, u + b * n,
+                                                             al + b * alpha_example + r * alpha_row, o + row * n, n));
+      }
+    });
+  });
+  return {out, shift};
+}
+
+// The backward of one row of the alpha step: its gradient, and its terms of the upper-slope and
+// upper-intercept gradients (summed over the example's rows into s_acc, i_acc) and of the alpha
+// gradient (summed into alpha_acc when the rows share alpha, else stored there), in opmath.
+// (A template flag: a loop-invariant `shared ? alpha_acc[i] : 0` keeps GCC from vectorising.)
+template <bool shared_alpha, typename T, typename acc_t>
+void crown_relu_alpha_row_backward(const T* __restrict__ a, const T* __restrict__ g, acc_t g_shift,
+                                   const T* __restrict__ l, const T* __restrict__ u, const T* __restrict__ alpha,
+                                   T* __restrict__ grad_a, acc_t* __restrict__ s_acc, acc_t* __restrict__ i_acc,
+                                   acc_t* __restrict__ alpha_acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t li = acc_t(l[i]), ui = acc_t(u[i]);
+    const ReluLinesGrad<acc_t> d = relu_lines_coefficient_grad(acc_t(a[i]), acc_t(g[i]), g_shift,
+                                                               relu_relaxation_alpha_at(li, ui, acc_t(alpha[i])));
+    grad_a[i] = static_cast<T>(d.a);
+    s_acc[i] += d.upper_slope;
+    i_acc[i] += d.upper_intercept;
+    const acc_t d_alpha = relu_unstable(li, ui) ? d.lower_slope : acc_t(0);
+    if constexpr (shared_alpha) {
+      alpha_acc[i] += d_alpha;
+    } else {
+      alpha_acc[i] = d_alpha;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crown_relu_alpha_step_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& grad_shift_in, const at::Tensor& A_in,
+    const at::Tensor& lower_in, const at::Tensor& upper_in, const at::Tensor& alpha_in) {
+  check_crown_relu_alpha_step_backward(grad_out_in, grad_shift_in, A_in, lower_in, upper_in, alpha_in);
+  const at::Tensor grad_out = grad_out_in.contiguous(), grad_shift = grad_shift_in.contiguous();
+  const at::Tensor A = A_in.contiguous(), lower = lower_in.contiguous(), upper = upper_in.contiguous();
+  const at::Tensor alpha = broadcast_alpha(alpha_in, A);
+  const int64_t rows = A.size(1), n = A.size(2), alpha_rows = alpha_in.size(1);
+  const int64_t alpha_example = alpha.stride(0), alpha_row = alpha.stride(1);
+  const bool shared_alpha = alpha_rows == 1;
+  at::Tensor grad_A = at::empty_like(A), grad_lower = at::empty_like(lower), grad_upper = at::empty_like(lower);
+  at::Tensor alpha_acc = per_example_alpha_grad(alpha_in, A);
+  PYIBP_DISPATCH(A.scalar_type(), "pyibp_crown_relu_alpha_step_backward_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const scalar_t* __restrict__ g = grad_out.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gs = grad_shift.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ a = A.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ l = lower.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ u = upper.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ al = alpha.data_ptr<scalar_t>();
+    scalar_t* __restrict__ ga = grad_A.data_ptr<scalar_t>();
+    scalar_t* __restrict__ gl = grad_lower.data_ptr<scalar_t>();
+    scalar_t* __restrict__ gu = grad_upper.data_ptr<scalar_t>();
+    acc_t* __restrict__ gal = alpha_acc.data_ptr<acc_t>();
+    // One example per task: the slope and intercept gradients (and alpha's, when shared) sum over its rows.
+    at::parallel_for(0, A.size(0), 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> g_slope(n), g_intercept(n);
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* __restrict__ lb = l + b * n;
+        const scalar_t* __restrict__ ub = u + b * n;
+        std::fill(g_slope.begin(), g_slope.end(), acc_t(0));
+        std::fill(g_intercept.begin(), g_intercept.end(), acc_t(0));
+        if (shared_alpha) std::fill(gal + b * n, gal + (b + 1) * n, acc_t(0));
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = b * rows + r;
+          const auto row_backward = shared_alpha ? crown_relu_alpha_row_backward<true, scalar_t, acc_t>
+                                                 : crown_relu_alpha_row_backward<false, scalar_t, acc_t>;
+          row_backward(a + row * n, g + row * n, acc_t(gs[row]), lb, ub, al + b * alpha_example + r * alpha_row,
+                       ga + row * n, g_slope.data(), g_intercept.data(),
+                       gal + (b * alpha_rows + (shared_alpha ? 0 : r)) * n, n);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          acc_t g_l, g_u;
+          relu_relaxation_grad(acc_t(lb[i]), acc_t(ub[i]), g_slope[i], g_intercept[i], &g_l, &g_u);
+          gl[b * n + i] = static_cast<scalar_t>(g_l);
+          gu[b * n + i] = static_cast<scalar_t>(g_u);
+        }
+      }
+    });
+  });
+  return {grad_A, grad_lower, grad_upper, sum_alpha_grad(alpha_acc, alpha_in)};
+}
+
 // One row of A through the sound ReLU step: its coefficients and its three sums, each in kLanes
 // fixed partial sums (one order on every run, and the loop vectorises). m_in / m_out may be null.
 template <typename T>
@@ -405,7 +530,7 @@ void sound_crown_relu_row(const T* __restrict__ a, const T* __restrict__ alpha, 
     for (int lane = 0; lane < kLanes; ++lane) {
       T term;
       const T ai = a[i + lane];
-      const T oi = sound_relu_coefficient(ai, alpha[i + lane], sigma[i + lane], tau[i + lane], &term);
+      const T oi = relu_lines_coefficient(ai, alpha[i + lane], sigma[i + lane], tau[i + lane], &term);
       out[i + lane] = oi;
       shift[lane] += term;
       if (m_in) slack_in[lane] += std::abs(ai) * m_in[i + lane];
@@ -414,7 +539,7 @@ void sound_crown_relu_row(const T* __restrict__ a, const T* __restrict__ alpha, 
   }
   for (; i < n; ++i) {
     T term;
-    const T oi = sound_relu_coefficient(a[i], alpha[i], sigma[i], tau[i], &term);
+    const T oi = relu_lines_coefficient(a[i], alpha[i], sigma[i], tau[i], &term);
     out[i] = oi;
     shift[0] += term;
     if (m_in) slack_in[0] += std::abs(a[i]) * m_in[i];
@@ -564,6 +689,8 @@ TORCH_LIBRARY_IMPL(pyibp, CPU, m) {
   m.impl("relu_relaxation", &relu_relaxation_cpu);
   m.impl("crown_relu_step", &crown_relu_step_cpu);
   m.impl("crown_relu_step_backward", &crown_relu_step_backward_cpu);
+  m.impl("crown_relu_alpha_step", &crown_relu_alpha_step_cpu);
+  m.impl("crown_relu_alpha_step_backward", &crown_relu_alpha_step_backward_cpu);
   m.impl("sound_crown_relu_step", &sound_crown_relu_step_cpu);
   m.impl("sound_relu", &sound_relu_cpu);
   m.impl("sound_relu_", &sound_relu_inplace_cpu);

@@ -263,13 +263,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_relaxation_cuda(const at::Te
   return {lower_slope, upper_slope, upper_intercept};
 }
 
-// One block per (example, row) of A: the threads stride over the row, then reduce its shift in
-// shared memory (a fixed order, so the result does not depend on scheduling).
+// The sum of v over the block's threads (blockDim.x a power of two, at most kThreads), reduced in
+// shared memory in a fixed order (so the result does not depend on scheduling); valid in thread 0.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t partial[kThreads];
+  partial[threadIdx.x] = v;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+    __syncthreads();
+  }
+  return partial[0];
+}
+
+// One block per (example, row) of A: the threads stride over the row, then reduce its shift.
 template <typename scalar_t, typename acc_t>
 __global__ void crown_relu_step_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ m,
                                        const scalar_t* __restrict__ r, scalar_t* __restrict__ out,
                                        scalar_t* __restrict__ shift, int64_t rows, int64_t n) {
-  __shared__ acc_t partial[kThreads];
   const int64_t row = blockIdx.x;
   const int64_t example = row / rows;
   acc_t sum = 0;
@@ -280,13 +292,8 @@ __global__ void crown_relu_step_kernel(const scalar_t* __restrict__ a, const sca
         crown_relu_coefficient(static_cast<acc_t>(a[row * n + i]), relu_relaxation_at(mi - ri, mi + ri), &term));
     sum += term;
   }
-  partial[threadIdx.x] = sum;
-  __syncthreads();
-  for (int half = blockDim.x / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) shift[row] = static_cast<scalar_t>(partial[0]);
+  const acc_t total = block_sum(sum);
+  if (threadIdx.x == 0) shift[row] = static_cast<scalar_t>(total);
 }
 
 std::tuple<at::Tensor, at::Tensor> crown_relu_step_cuda(const at::Tensor& A_in, const at::Tensor& mu_in,
@@ -355,6 +362,133 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_step_backward_cuda(
   return {grad_A, grad_mu, grad_rad};
 }
 
+// One block per (example, row) of A, as crown_relu_step_kernel, of just enough threads for short
+// rows; alpha is read through its strides over the examples and rows (0 along what it shares).
+template <typename scalar_t, typename acc_t>
+__global__ void crown_relu_alpha_step_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ l,
+                                             const scalar_t* __restrict__ u, const scalar_t* __restrict__ alpha,
+                                             scalar_t* __restrict__ out, scalar_t* __restrict__ shift, int64_t rows,
+                                             int64_t n, int64_t alpha_example, int64_t alpha_row) {
+  const int64_t row = blockIdx.x;
+  const int64_t example = row / rows;
+  const scalar_t* __restrict__ al = alpha + example * alpha_example + (row - example * rows) * alpha_row;
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const ReluRelaxation<acc_t> r = relu_relaxation_alpha_at(
+        static_cast<acc_t>(l[example * n + i]), static_cast<acc_t>(u[example * n + i]), static_cast<acc_t>(al[i]));
+    acc_t term;
+    out[row * n + i] = static_cast<scalar_t>(relu_lines_coefficient(static_cast<acc_t>(a[row * n + i]), r.lower_slope,
+                                                                    r.upper_slope, r.upper_intercept, &term));
+    sum += term;
+  }
+  const acc_t total = block_sum(sum);
+  if (threadIdx.x == 0) shift[row] = static_cast<scalar_t>(total);
+}
+
+// The smallest power of two of threads, from a warp to kThreads, that covers a row of n.
+inline int row_threads(int64_t n) {
+  int threads = 32;
+  while (threads < n && threads < kThreads) threads *= 2;
+  return threads;
+}
+
+std::tuple<at::Tensor, at::Tensor> crown_relu_alpha_step_cuda(const at::Tensor& A_in, const at::Tensor& lower_in,
+                                                              const at::Tensor& upper_in, const at::Tensor& alpha_in) {
+  check_crown_relu_alpha_step(A_in, lower_in, upper_in, alpha_in);
+  const at::cuda::OptionalCUDAGuard guard(A_in.device());
+  const at::Tensor A = A_in.contiguous(), lower = lower_in.contiguous(), upper = upper_in.contiguous();
+  const at::Tensor alpha = broadcast_alpha(alpha_in, A);
+  const int64_t rows = A.size(1), n = A.size(2), blocks = A.size(0) * rows;
+  at::Tensor out = at::empty_like(A), shift = at::empty({A.size(0), rows}, A.options());
+  if (blocks == 0) return {out, shift};
+  PYIBP_DISPATCH(A.scalar_type(), "pyibp_crown_relu_alpha_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    crown_relu_alpha_step_kernel<scalar_t, acc_t><<<blocks, row_threads(n), 0, c10::cuda::getCurrentCUDAStream()>>>(
+        A.data_ptr<scalar_t>(), lower.data_ptr<scalar_t>(), upper.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), rows, n, alpha.stride(0), alpha.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, shift};
+}
+
+constexpr int kTileColumns = 32, kTileRowGroups = kThreads / kTileColumns;
+
+// One block per (example, kTileColumns neurons): each warp walks 32 consecutive neurons of every
+// kTileRowGroups-th row (coalesced loads and stores), and the warps' sums over the rows (upper
+// slope, upper intercept, and alpha when the rows share it) meet in shared memory in a fixed
+// order, so that short batches still fill the GPU and no atomics are needed. grad_alpha is
+// (B, Ra, N) in opmath: per row it is written where computed.
+template <typename scalar_t, typename acc_t>
+__global__ void crown_relu_alpha_step_backward_kernel(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ gs, const scalar_t* __restrict__ a,
+    const scalar_t* __restrict__ l, const scalar_t* __restrict__ u, const scalar_t* __restrict__ alpha,
+    scalar_t* __restrict__ ga, scalar_t* __restrict__ gl, scalar_t* __restrict__ gu, acc_t* __restrict__ galpha,
+    int64_t rows, int64_t n, int64_t tiles, int64_t alpha_example, int64_t alpha_row, bool shared_alpha) {
+  __shared__ acc_t partial[3][kTileRowGroups][kTileColumns];
+  const int64_t example = blockIdx.x / tiles;
+  const int64_t i = (blockIdx.x - example * tiles) * kTileColumns + threadIdx.x, k = example * n + i;
+  const bool inside = i < n;
+  const acc_t li = inside ? static_cast<acc_t>(l[k]) : acc_t(0), ui = inside ? static_cast<acc_t>(u[k]) : acc_t(0);
+  acc_t sums[3] = {0, 0, 0};
+  if (inside) {
+    const scalar_t* __restrict__ al = alpha + example * alpha_example + i;
+    for (int64_t r = threadIdx.y; r < rows; r += kTileRowGroups) {
+      const int64_t e = (example * rows + r) * n + i;
+      const ReluLinesGrad<acc_t> d = relu_lines_coefficient_grad(
+          static_cast<acc_t>(a[e]), static_cast<acc_t>(g[e]), static_cast<acc_t>(gs[example * rows + r]),
+          relu_relaxation_alpha_at(li, ui, static_cast<acc_t>(al[r * alpha_row])));
+      ga[e] = static_cast<scalar_t>(d.a);
+      sums[0] += d.upper_slope;
+      sums[1] += d.upper_intercept;
+      const acc_t d_alpha = relu_unstable(li, ui) ? d.lower_slope : acc_t(0);
+      if (shared_alpha) {
+        sums[2] += d_alpha;
+      } else {
+        galpha[e] = d_alpha;
+      }
+    }
+  }
+  for (int s = 0; s < 3; ++s) partial[s][threadIdx.y][threadIdx.x] = sums[s];
+  __syncthreads();
+  if (threadIdx.y != 0 || !inside) return;
+  acc_t total[3] = {0, 0, 0};
+  for (int y = 0; y < kTileRowGroups; ++y) {
+    for (int s = 0; s < 3; ++s) total[s] += partial[s][y][threadIdx.x];
+  }
+  acc_t g_l, g_u;
+  relu_relaxation_grad(li, ui, total[0], total[1], &g_l, &g_u);
+  gl[k] = static_cast<scalar_t>(g_l);
+  gu[k] = static_cast<scalar_t>(g_u);
+  if (shared_alpha) galpha[k] = total[2];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crown_relu_alpha_step_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& grad_shift_in, const at::Tensor& A_in,
+    const at::Tensor& lower_in, const at::Tensor& upper_in, const at::Tensor& alpha_in) {
+  check_crown_relu_alpha_step_backward(grad_out_in, grad_shift_in, A_in, lower_in, upper_in, alpha_in);
+  const at::cuda::OptionalCUDAGuard guard(A_in.device());
+  const at::Tensor grad_out = grad_out_in.contiguous(), grad_shift = grad_shift_in.contiguous();
+  const at::Tensor A = A_in.contiguous(), lower = lower_in.contiguous(), upper = upper_in.contiguous();
+  const at::Tensor alpha = broadcast_alpha(alpha_in, A);
+  const int64_t rows = A.size(1), n = A.size(2), tiles = (n + kTileColumns - 1) / kTileColumns;
+  const int64_t blocks = A.size(0) * tiles;
+  at::Tensor grad_A = at::empty_like(A), grad_lower = at::empty_like(lower), grad_upper = at::empty_like(lower);
+  at::Tensor alpha_acc = per_example_alpha_grad(alpha_in, A);
+  if (blocks > 0) {
+    PYIBP_DISPATCH(A.scalar_type(), "pyibp_crown_relu_alpha_step_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      crown_relu_alpha_step_backward_kernel<scalar_t, acc_t>
+          <<<blocks, dim3(kTileColumns, kTileRowGroups), 0, c10::cuda::getCurrentCUDAStream()>>>(
+              grad_out.data_ptr<scalar_t>(), grad_shift.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+              lower.data_ptr<scalar_t>(), upper.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+              grad_A.data_ptr<scalar_t>(), grad_lower.data_ptr<scalar_t>(), grad_upper.data_ptr<scalar_t>(),
+              alpha_acc.data_ptr<acc_t>(), rows, n, tiles, alpha.stride(0), alpha.stride(1), alpha_in.size(1) == 1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {grad_A, grad_lower, grad_upper, sum_alpha_grad(alpha_acc, alpha_in)};
+}
+
 // One block per (example, row) of A, as crown_relu_step_kernel: the threads stride over the row,
 // then its three sums are reduced in shared memory in a fixed order. m_in / m_out may be null.
 template <typename scalar_t>
@@ -371,7 +505,7 @@ __global__ void sound_crown_relu_step_kernel(const scalar_t* __restrict__ a, con
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const scalar_t ai = a[row * n + i];
     scalar_t term;
-    const scalar_t oi = sound_relu_coefficient(ai, alpha[base + i], sigma[base + i], tau[base + i], &term);
+    const scalar_t oi = relu_lines_coefficient(ai, alpha[base + i], sigma[base + i], tau[base + i], &term);
     out[row * n + i] = oi;
     sums[0] += term;
     if (m_in) sums[1] += fabs(ai) * m_in[base + i];
@@ -485,6 +619,8 @@ TORCH_LIBRARY_IMPL(pyibp, CUDA, m) {
   m.impl("relu_relaxation", &relu_relaxation_cuda);
   m.impl("crown_relu_step", &crown_relu_step_cuda);
   m.impl("crown_relu_step_backward", &crown_relu_step_backward_cuda);
+  m.impl("crown_relu_alpha_step", &crown_relu_alpha_step_cuda);
+  m.impl("crown_relu_alpha_step_backward", &crown_relu_alpha_step_backward_cuda);
   m.impl("sound_crown_relu_step", &sound_crown_relu_step_cuda);
   m.impl("sound_relu", &sound_relu_cuda);
   m.impl("sound_relu_", &sound_relu_inplace_cuda);

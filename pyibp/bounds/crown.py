@@ -18,7 +18,7 @@ Everything is differentiable, so the bounds can be trained through.
 Cost: the backward pass carries K-1 specification rows per example (the row j = y is zero and
 is skipped), so it costs about K-1 forward passes of the network without its last layer, on top
 of the IBP pass; its tensors ``A`` are K-1 times the size of the activations (on CPU the pass runs
-over chunks of examples that keep each ``A`` under 8 MiB, see ``_CPU_CHUNK_BYTES``). MaxPool2d has a
+over chunks of examples that keep each ``A`` under 8 MiB, see ``coefficients._CPU_CHUNK_BYTES``). MaxPool2d has a
 sound relaxation of its own (see ``_back_maxpool``), the other activations the lines of
 :mod:`pyibp.bounds.relaxations`; a node with several users (a residual block's input, the
 branches of a ``torch.cat``) receives the sum of the ``A`` its users send back.
@@ -38,7 +38,12 @@ from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, c
 from .graph import BoundGraph, affine_scale_shift, bound_graph, conv_params, linear_params, per_channel, resolve
 from .ibp import (FusedBackend, Trace, _full_precision, _param, cat_dim, const_scale_shift, ibp_margin_bounds,
                   ibp_margins, mean_dims, no_nan, pad_args)
-from .relaxations import relaxation
+from .relaxations import maxpool_relaxation, relaxation
+from .sound import outward_eps, sound_arithmetic
+from .sound_crown import sound_crown_margins
+from .coefficients import (_A_channels_last, _back_conv, _box_channels_last, _channels_last, _examples_per_chunk,
+                           _flat_box, _flat_features, _other_classes, _spec_rows, _sum_over_features,
+                           _unflatten_features)
 
 __all__ = ["crown_ibp_margin_bounds", "crown_ibp_mixed_margins", "crown_ibp_robust_ce", "margin_pass", "MarginPass"]
 
@@ -68,31 +73,6 @@ class MarginPass(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # the backward pass, one function per layer type: A (B, K', *out_shape) -> (B, K', *in_shape)
-def _feature_dims(t: Tensor) -> Tuple[int, ...]:
-    return tuple(range(2, t.dim()))
-
-
-def _sum_over_features(t: Tensor) -> Tensor:
-    """(B, K', *) -> (B, K')."""
-    return t.sum(_feature_dims(t)) if t.dim() > 2 else t
-
-
-def _channels_last(A: Tensor) -> bool:
-    """Whether A (B, K', C, H, W) is laid out channels-last, as conv_transpose2d leaves it."""
-    return A.dim() == 5 and A.stride(2) == 1 and A.shape[2] > 1
-
-
-def _box_channels_last(t: Tensor) -> bool:
-    """Whether a box tensor (B, C, H, W) is laid out channels-last (see :class:`_ChannelsLastBackend`)."""
-    return t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1
-
-
-def _A_channels_last(A: Tensor) -> Tensor:
-    """A (B, K', C, H, W) laid out channels-last (a view when it already is)."""
-    batch, rows = A.shape[:2]
-    return A.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(A.shape) if batch * rows else A
-
-
 class _ChannelsLastBackend(FusedBackend):
     """The fused backend with every convolution's box returned channels-last (a copy only after a
     convolution whose input layout is ambiguous, e.g. one channel). The CROWN pass runs its
@@ -120,47 +100,6 @@ def _back_linear(A: Tensor, const: Tensor, weight: Tensor, bias: Optional[Tensor
     return A @ weight, const
 
 
-def _back_conv(A: Tensor, const: Tensor, p, in_shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
-    """Through a Conv1d/Conv2d with parameters ``p`` (:class:`pyibp.bounds.graph.ConvParams`):
-    its adjoint, a transposed convolution. A Conv1d runs as a Conv2d over a height of 1."""
-    weight, stride, padding, dilation = p.weight, p.stride, p.padding, p.dilation
-    one_d = weight.dim() == 3
-    if one_d:
-        A, in_shape = A.unsqueeze(3), (in_shape[0], 1, in_shape[1])
-        weight, stride, padding, dilation = weight.unsqueeze(2), [1] + stride, [0] + padding, [1] + dilation
-    batch, rows = A.shape[:2]
-    if p.bias is not None:
-        const = const + A.sum((3, 4)) @ p.bias
-    # conv_transpose2d cannot know how many rows/columns a strided convolution dropped at the end.
-    kernel = weight.shape[2:]
-    out_padding = [size - ((o - 1) * s - 2 * q + d * (k - 1) + 1)
-                   for size, o, s, q, d, k in zip(in_shape[1:], A.shape[3:], stride, padding, dilation, kernel)]
-    # Channels-last: the transposed convolution runs about twice as fast on CPU (oneDNN) that way.
-    A = _A_channels_last(A).flatten(0, 1)
-    A = F.conv_transpose2d(A, weight, None, stride, padding, out_padding, p.groups, dilation)
-    A = A.view(batch, rows, *in_shape)
-    return (A.squeeze(3) if one_d else A), const
-
-
-def _flat_features(t: Tensor, channels_last: bool) -> Tensor:
-    """(B, R, *features) -> (B, R, n), features in the order (H, W, C) when ``channels_last``
-    (a view when t is laid out that way), else in their natural order."""
-    return t.permute(0, 1, 3, 4, 2).flatten(2) if channels_last else t.flatten(2)
-
-
-def _flat_box(t: Tensor, channels_last: bool) -> Tensor:
-    """(B, *features) -> (B, n) in the feature order of :func:`_flat_features`."""
-    return t.permute(0, 2, 3, 1).flatten(1) if channels_last else t.flatten(1)
-
-
-def _unflatten_features(flat: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
-    """The inverse of :func:`_flat_features`, for a tensor of ``shape``."""
-    if channels_last:
-        b, r, c, h, w = shape
-        return flat.view(b, r, h, w, c).permute(0, 1, 4, 2, 3)
-    return flat.view(shape)
-
-
 def _back_relu(A: Tensor, const: Tensor, mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tensor]:
     # slope_low * z <= relu(z) <= slope_up * z + intercept on the box (mu, rad): a lower bound of A relu(z)
     # takes the lower line where A >= 0 and the upper line where A < 0 (one fused pass, see ops).
@@ -172,6 +111,15 @@ def _back_relu(A: Tensor, const: Tensor, mu: Tensor, rad: Tensor) -> Tuple[Tenso
                    for t in (mu, rad))
     out, shift = ops.crown_relu_step(_flat_features(A, cl), _flat_box(mu, cl), _flat_box(rad, cl))
     return _unflatten_features(out, A.shape, cl), const + shift
+
+
+def _back_relu_alpha(A: Tensor, const: Tensor, mu: Tensor, rad: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor]:
+    """Through a ReLU with the lower line ``alpha z`` on its unstable neurons (alpha-CROWN), the chord
+    above: :func:`pyibp.ops.crown_relu_alpha_step` on A, the box and ``alpha`` (b or 1, R or 1, *shape),
+    all in the features' natural order."""
+    lower, upper = ops.center_to_interval(mu, rad)
+    out, shift = ops.crown_relu_alpha_step(A.flatten(2), lower.flatten(1), upper.flatten(1), alpha.flatten(2))
+    return out.view(A.shape), const + shift
 
 
 def _back_affine(A: Tensor, const: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
@@ -224,34 +172,11 @@ def _unbroadcast(A: Tensor, in_shape: Tuple[int, ...]) -> Tensor:
 
 def _back_maxpool(A: Tensor, const: Tensor, layer: nn.MaxPool2d, lower: Tensor, upper: Tensor
                   ) -> Tuple[Tensor, Tensor]:
-    """Sound linear relaxation of max pooling on the input box ``[lower, upper]`` (B, C, H, W).
-
-    In each window let k* be the element with the largest lower bound. Then
-    ``x_k* <= max_j x_j``; above, ``max_j x_j = x_k*`` when k* dominates the window
-    (``lower_k* >= upper_j`` for every other j), and ``max_j x_j <= max_j upper_j`` otherwise.
-    """
+    """Through max pooling with the lines of :func:`~pyibp.bounds.relaxations.maxpool_relaxation`."""
     batch, rows, channels, out_h, out_w = A.shape
     height, width = lower.shape[2:]
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (layer.kernel_size, layer.stride or layer.kernel_size,
-                                                                 layer.padding, layer.dilation))
-    # Pad with -inf (ceil_mode windows may overhang at the end; negative padding crops) and unfold.
-    pad_b = (out_h - 1) * sh + dh * (kh - 1) + 1 - height - ph
-    pad_r = (out_w - 1) * sw + dw * (kw - 1) + 1 - width - pw
-
-    def windows(t: Tensor) -> Tensor:
-        t = F.pad(t, (pw, pad_r, ph, pad_b), value=-math.inf)
-        return F.unfold(t, (kh, kw), (dh, dw), 0, (sh, sw)).view(batch, channels, kh * kw, out_h * out_w)
-
-    low_w, up_w = windows(lower), windows(upper)
-    low_max, k_star = low_w.max(2)                                            # (B, C, L)
-    up_max = up_w.max(2).values
-    up_others = up_w.scatter(2, k_star[:, :, None], -math.inf).max(2).values
-    dominated = (low_max >= up_others).to(A.dtype)
-    # Flat position of k* in the unpadded input plane: every window holds a real element.
-    pos = torch.arange(out_h * out_w, device=A.device)
-    row = (pos // out_w) * sh - ph + (k_star // kw) * dh
-    col = (pos % out_w) * sw - pw + (k_star % kw) * dw
-    index = (row * width + col)[:, None].expand(batch, rows, channels, out_h * out_w)
+    index, dominated, up_max = maxpool_relaxation(layer, lower, upper, (out_h, out_w))
+    index = index[:, None].expand(batch, rows, channels, out_h * out_w)
     A = A.flatten(3)
     A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
     coef = A_pos + A_neg * dominated[:, None]
@@ -277,6 +202,9 @@ def _backward(graph: BoundGraph, trace: Trace, A: Tensor, const: Tensor, start: 
         A = pending.pop(i, None)
         if A is None:
             continue
+        extra = trace.extra.get(i)
+        if extra is not None:           # a Lagrangian term on this node's value (beta-CROWN's splits)
+            A = A + extra
         node = nodes[i]
         if node.kind == "input":
             lam = A
@@ -313,7 +241,11 @@ def _b_affine(node, A, const, trace, dtype):
 
 
 def _b_relu(node, A, const, trace, dtype):
-    A, const = _back_relu(A, const, *trace.boxes[node.index])
+    alpha = trace.alphas.get(node.index)
+    if alpha is None:
+        A, const = _back_relu(A, const, *trace.boxes[node.index])
+    else:
+        A, const = _back_relu_alpha(A, const, *trace.boxes[node.index], alpha)
     return [(node.inputs[0], A)], const
 
 
@@ -399,35 +331,6 @@ _BACK = {"linear": _b_linear, "conv": _b_conv, "affine": _b_affine, "relu": _b_r
          "maxpool": _b_maxpool, "avgpool": _b_pool, "adaptive_avgpool": _b_pool, "mean": _b_mean,
          "reshape": _b_reshape, "index": _b_index, "identity": _b_identity, "pad": _b_pad,
          "const_affine": _b_const_affine, "add": _b_add, "sub": _b_add, "cat": _b_cat}
-
-
-# Larger CPU tensors are mmapped afresh by glibc's allocator at every allocation and page-faulted in,
-# which costs more than the arithmetic on them (its dynamic mmap threshold stops at 32 MiB).
-_CPU_CHUNK_BYTES = 8 * 2**20
-
-
-def _examples_per_chunk(trace: Trace, A: Tensor, batch: int) -> int:
-    """How many examples the backward pass takes at a time: on CPU, as many as keep every A tensor
-    under ``_CPU_CHUNK_BYTES``; with one row (loss fusion) or elsewhere (CUDA's caching allocator)
-    the whole batch."""
-    if A.device.type != "cpu" or A.shape[1] == 1:   # one row: A is no larger than the IBP boxes
-        return max(batch, 1)
-    largest = max(math.prod(shape) for shape in trace.shapes.values())
-    per_example = A.shape[1] * largest * A.element_size()
-    return max(1, min(batch, _CPU_CHUNK_BYTES // max(per_example, 1)))
-
-
-def _other_classes(y: Tensor, num_classes: int) -> Tensor:
-    """(B, K-1): for each example the classes j != y in increasing order (no host sync)."""
-    j = torch.arange(num_classes - 1, device=y.device)[None]
-    return j + (j >= y[:, None]).to(j.dtype)
-
-
-def _spec_rows(y: Tensor, others: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    """The specification C: (B, K-1, K) with rows ``e_y - e_j``."""
-    rows = torch.zeros(others.shape + (num_classes,), dtype=dtype, device=y.device)
-    rows.scatter_(2, y[:, None, None].expand(-1, others.shape[1], 1), 1.0)
-    return rows.scatter_(2, others[..., None], -1.0)
 
 
 def _margin_pass(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: Bound, upper: Bound,
@@ -612,8 +515,6 @@ def crown_ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *,
     """
     graph, eps_t, dtype = _validated(model, x, y, eps, lower, upper, dtype)
     if sound:
-        from .sound import outward_eps, sound_arithmetic         # sound_crown builds on this module
-        from .sound_crown import sound_crown_margins
         x = x if dtype is None else x.to(dtype)
         with _full_precision(x), sound_arithmetic(x.device.type):
             return sound_crown_margins(graph, x, y, outward_eps(eps, eps_t, x.dtype), lower, upper, dtype)

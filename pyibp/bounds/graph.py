@@ -32,13 +32,13 @@ from ..nn import Normalize
 
 __all__ = ["bound_graph", "BoundGraph", "Node", "batch_statistics", "batchnorm_scale_shift", "SUPPORTED_LAYERS"]
 
-ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.Softplus, nn.Tanh, nn.Sigmoid)
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU)
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
                     nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, Normalize,
                     nn.LogSoftmax) + ACTIVATIONS
 SUPPORTED_FUNCTIONS = ("+, - of two bounded tensors; + - * / by constants, parameters and buffers; "
                        "F.linear, F.conv1d, F.conv2d, F.relu, F.leaky_relu, F.relu6, F.hardtanh, F.elu, F.softplus, "
-                       "torch.tanh, torch.sigmoid (and their inplace forms), F.max_pool2d, F.avg_pool2d, "
+                       "torch.tanh, torch.sigmoid, F.gelu, F.silu (and their inplace forms), F.max_pool2d, F.avg_pool2d, "
                        "F.adaptive_avg_pool2d, F.pad (constant), F.dropout, F.log_softmax (as the last op), torch.cat, torch.flatten, torch.reshape, "
                        "torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.mean, indexing/slicing "
                        "(not of the batch dimension); methods view, reshape, flatten, permute, transpose, squeeze, "
@@ -54,7 +54,9 @@ class Node:
     Attributes:
         index: position in :attr:`BoundGraph.nodes` (a topological order).
         kind: the rule: ``"input"``, ``"const"`` (no bounded input: evaluated as PyTorch would),
-            ``"linear"``, ``"conv"``, ``"affine"``, ``"relu"``, ``"activation"``, ``"avgpool"``,
+            ``"linear"``, ``"conv"``, ``"affine"``, ``"relu"``, ``"activation"`` (any other activation: its
+            IBP rule and relaxation are :mod:`pyibp.bounds.relaxations`', which know whether it is
+            monotone), ``"avgpool"``,
             ``"adaptive_avgpool"``, ``"maxpool"``, ``"mean"``, ``"reshape"``, ``"index"``, ``"pad"``,
             ``"const_affine"``, ``"add"``, ``"sub"``, ``"cat"``, ``"identity"``.
         call: for ``"const"``/shape ops, the PyTorch call ``call(*args, **kwargs)``.
@@ -112,6 +114,38 @@ class BoundGraph:
 
     def relus(self) -> Iterator[Node]:
         return (n for n in self.nodes if n.kind == "relu")
+
+    def refined_nodes(self, stop: int) -> Dict[int, bool]:
+        """The nodes before ``stop`` whose boxes CROWN tightens (:mod:`pyibp.bounds.intermediate`):
+        ``{p: every neuron}`` for each node p an activation or MaxPool reads, True when one other
+        than ReLU reads it (every neuron's bound matters then; for a ReLU, its unstable ones). A node
+        IBP already bounds exactly is left out: one that depends on the input through at most one
+        Linear/Conv and otherwise only elementwise affine maps and reshapes."""
+        needs: Dict[int, bool] = {}
+        for node in self.nodes[:stop]:
+            if node.kind in _RELAXED_KINDS:
+                p = node.inputs[0]
+                needs[p] = needs.get(p, False) or node.kind != "relu"
+        return {p: every for p, every in needs.items() if not self._exact_by_ibp(p)}
+
+    def _exact_by_ibp(self, index: int) -> bool:
+        mixing, stack, seen = 0, [index], set()
+        while stack:
+            node = self.nodes[stack.pop()]
+            if node.index in seen:
+                continue
+            seen.add(node.index)
+            if node.kind in ("linear", "conv"):
+                mixing += 1
+            elif node.kind not in _IBP_EXACT_KINDS:
+                return False
+            stack.extend(node.inputs)
+        return mixing <= 1
+
+
+_RELAXED_KINDS = ("relu", "activation", "maxpool")
+# Ops through which IBP's centre-radius form loses nothing (with at most one Linear/Conv among them).
+_IBP_EXACT_KINDS = ("input", "const", "reshape", "identity", "affine", "const_affine", "pad", "index")
 
 
 def resolve(value: Any, env: List[Any]) -> Any:
@@ -183,6 +217,8 @@ _ACTIVATION_FUNCTIONS = _functions(
     (F.softplus, lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold)),
     ((torch.tanh, F.tanh, torch.tanh_), lambda: nn.Tanh()),
     ((torch.sigmoid, F.sigmoid, torch.sigmoid_), lambda: nn.Sigmoid()),
+    (F.gelu, lambda approximate="none": nn.GELU(approximate)),
+    (F.silu, lambda inplace=False: nn.SiLU()),
 )
 _ACTIVATION_METHODS = {"relu": nn.ReLU, "relu_": nn.ReLU, "tanh": nn.Tanh, "tanh_": nn.Tanh,
                        "sigmoid": nn.Sigmoid, "sigmoid_": nn.Sigmoid}

@@ -22,6 +22,7 @@ from ..precision import full_precision
 from .checks import Bound, Eps, _check_labels, _check_model_device, check_box, compute_dtype, domain
 from .graph import (BoundGraph, Node, Ref, affine_scale_shift, bound_graph, conv_params, linear_params, per_channel,
                     resolve)
+from .relaxations import activation_interval, is_monotone
 from .sound import SoundBackend, check_sound, outward_eps, sound_arithmetic
 
 __all__ = ["interval_bounds", "ibp_margin_bounds", "propagate", "FusedBackend", "get_backend", "Trace"]
@@ -127,6 +128,10 @@ class Trace:
     MaxPool and the other activations. ``constants[i]``: the value of constant node i.
     ``inputs[i]``: with ``keep_inputs``, the box of the input of every Linear, Conv and affine node i
     (the sound CROWN pass bounds its rounding errors with the magnitudes there).
+    ``alphas[i]``: the lower slopes of ReLU node i's unstable neurons for a backward pass
+    (alpha-CROWN), (b or 1, R or 1, *shape of its input); a ReLU without one takes CROWN's.
+    ``extra[i]``: coefficients (b or 1, R or 1, *shape of node i) added to those a backward pass
+    brings to node i: the Lagrangian term ``-β s z_i`` of split constraints ``s z_i >= 0`` (beta-CROWN).
     """
 
     shapes: Dict[int, Tuple[int, ...]] = field(default_factory=dict)
@@ -134,20 +139,33 @@ class Trace:
     constants: Dict[int, Any] = field(default_factory=dict)
     keep_inputs: bool = False
     inputs: Dict[int, Pair] = field(default_factory=dict)
+    alphas: Dict[int, Tensor] = field(default_factory=dict)
+    extra: Dict[int, Tensor] = field(default_factory=dict)
 
     def split(self, size: int, count: int) -> List["Trace"]:
         """The traces of ``count`` consecutive chunks of ``size`` examples. The boxes are cut with
         ``torch.split``, whose backward pass is one concatenation (slicing would cost a zero-filled
-        copy of every box per chunk)."""
+        copy of every box per chunk); slopes shared by the batch (batch dimension 1) are shared."""
         parts = {i: [b.split(size) for b in box] for i, box in self.boxes.items()}
+        cut = lambda d: {i: a.split(size) if a.shape[0] > 1 else [a] * count for i, a in d.items()}  # noqa: E731
+        alphas, extra = cut(self.alphas), cut(self.extra)
         return [Trace(self.shapes, {i: tuple(piece[k] for piece in pieces) for i, pieces in parts.items()},
-                      self.constants) for k in range(count)]
+                      self.constants, alphas={i: a[k] for i, a in alphas.items()},
+                      extra={i: e[k] for i, e in extra.items()}) for k in range(count)]
+
+    def select(self, index: Tensor) -> "Trace":
+        """The trace of the examples ``index`` (a 1-d index tensor), slopes included."""
+        pick = lambda t: t if t.shape[0] == 1 else t.index_select(0, index)  # noqa: E731
+        return Trace(self.shapes, {i: tuple(pick(t) for t in box) for i, box in self.boxes.items()},
+                     self.constants, alphas={i: pick(a) for i, a in self.alphas.items()},
+                     extra={i: pick(e) for i, e in self.extra.items()})
 
 
 # ---------------------------------------------------------------------------------------------
 # the walker
 def propagate(graph: BoundGraph, box: Pair, backend, *, dtype: Optional[torch.dtype] = None,
-              trace: Optional[Trace] = None, stop: Optional[int] = None) -> List[Any]:
+              trace: Optional[Trace] = None, stop: Optional[int] = None,
+              refine: Optional[Callable[[Node, Any], Any]] = None) -> List[Any]:
     """Pushes the input box through ``graph``'s nodes (those before index ``stop``, default all).
 
     Args:
@@ -156,6 +174,9 @@ def propagate(graph: BoundGraph, box: Pair, backend, *, dtype: Optional[torch.dt
         trace: fill this :class:`Trace` (the boxes in front of every ReLU, MaxPool and activation,
             every shape); Linear/Conv and ReLU then run as two operators, since the
             pre-activation box is needed.
+        refine: ``refine(node, box) -> box``, called on every bounded node's box before its users
+            read it (with ``trace``, whose shapes then include the node): a tighter box of the same
+            values, e.g. CROWN's (:mod:`pyibp.bounds.intermediate`).
     Returns:
         The value of every node, by index: a backend box for the bounded ones; a box is dropped
         once its last user has run (memory), except the last node's inputs and the output.
@@ -175,9 +196,11 @@ def propagate(graph: BoundGraph, box: Pair, backend, *, dtype: Optional[torch.dt
             if trace is not None and trace.keep_inputs and kind in ("linear", "conv", "affine"):
                 trace.inputs[node.index] = env[node.inputs[0]]
             value = _RULES[kind](node, env, backend, dtype, fuse, trace)
-        env[node.index] = value
         if trace is not None and kind != "const":
             trace.shapes[node.index] = tuple(value[0].shape[1:])
+        if refine is not None and kind not in ("const", "input"):
+            value = refine(node, value)
+        env[node.index] = value
         for j in frees[node.index]:
             env[j] = None
     return env
@@ -260,11 +283,21 @@ def _relu(node, env, backend, dtype, fuse, trace):
     return backend.relu(state)
 
 
-def _monotone(node, env, backend, dtype, fuse, trace):
+def _activation(node, env, backend, dtype, fuse, trace):
+    state = _input(node, env)
+    bounds = backend.bounds(state)
+    if trace is not None:
+        trace.boxes[node.index] = bounds
+    if is_monotone(node.module):
+        return backend.monotone(state, node.module)
+    return backend.from_bounds(*activation_interval(node.module, *bounds))
+
+
+def _maxpool(node, env, backend, dtype, fuse, trace):
     state = _input(node, env)
     if trace is not None:
         trace.boxes[node.index] = backend.bounds(state)
-    return backend.monotone(state, node.module)
+    return backend.monotone(state, node.module)       # the max is non-decreasing in every input
 
 
 def _pool(node, env, backend, dtype, fuse, trace):
@@ -368,8 +401,8 @@ def _log_softmax(node, env, backend, dtype, fuse, trace):
     return backend.from_bounds(low, up)
 
 
-_RULES = {"linear": _linear, "conv": _conv, "affine": _affine, "relu": _relu, "activation": _monotone,
-          "maxpool": _monotone, "avgpool": _pool, "adaptive_avgpool": _pool, "mean": _mean, "reshape": _reshape,
+_RULES = {"linear": _linear, "conv": _conv, "affine": _affine, "relu": _relu, "activation": _activation,
+          "maxpool": _maxpool, "avgpool": _pool, "adaptive_avgpool": _pool, "mean": _mean, "reshape": _reshape,
           "index": _reshape, "identity": _identity, "pad": _pad, "const_affine": _const_affine, "add": _add,
           "sub": _add, "cat": _cat, "log_softmax": _log_softmax}
 
@@ -466,13 +499,15 @@ def ibp_margin_bounds(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, *, lower
 
 
 def ibp_margins(graph: BoundGraph, box: Pair, backend, y: Tensor, dtype: Optional[torch.dtype],
-                trace: Optional[Trace] = None) -> Tuple[Tensor, Any, Optional[Tuple[Tensor, Optional[Tensor]]]]:
+                trace: Optional[Trace] = None, refine: Optional[Callable[[Node, Any], Any]] = None
+                ) -> Tuple[Tensor, Any, Optional[Tuple[Tensor, Optional[Tensor]]]]:
     """IBP margins (B, K) of the graph's logits, with the specification folded into a final Linear
     when the logits come from one over flat features. Returns ``(margins, box in front of that
-    Linear or of the logits, (weight, bias) of that Linear or None)``."""
+    Linear or of the logits, (weight, bias) of that Linear or None)``. ``trace``, ``refine``: as for
+    :func:`propagate`."""
     last = graph.last_linear
     stop = last if last is not None else graph.logits + 1
-    env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=stop)
+    env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=stop, refine=refine)
     if last is not None:
         state = env[graph.nodes[last].inputs[0]]
         if state[0].dim() == 2:
@@ -480,7 +515,9 @@ def ibp_margins(graph: BoundGraph, box: Pair, backend, y: Tensor, dtype: Optiona
             weight, bias = _param(weight, dtype), _param(bias, dtype)
             _check_labels(y, state[0], weight.shape[0])
             return backend.margins(state, weight, bias, y), state, (weight, bias)
-        env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=graph.logits + 1)
+        if trace is not None:
+            trace.boxes.clear()
+        env = propagate(graph, box, backend, dtype=dtype, trace=trace, stop=graph.logits + 1, refine=refine)
     state = env[graph.logits]
     lb, ub = (t.flatten(1) for t in backend.bounds(state))
     _check_labels(y, lb, lb.shape[1])

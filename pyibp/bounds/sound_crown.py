@@ -56,8 +56,8 @@ from torch import Tensor
 
 from .checks import Bound, domain
 from .. import ops
-from .crown import (_A_channels_last, _back_conv, _channels_last, _examples_per_chunk, _flat_box, _flat_features,
-                    _other_classes, _unflatten_features)
+from .coefficients import (_A_channels_last, _back_conv, _channels_last, _examples_per_chunk, _flat_box, _flat_features,
+                           _other_classes, _unflatten_features, rows_per_chunk)
 from .graph import BoundGraph, ConvParams, conv_params, linear_params, per_channel
 from .ibp import Trace, _param, ibp_margins, no_nan
 from .sound import SoundBackend, gamma, units
@@ -135,8 +135,10 @@ class _Accumulator:
 class _Walk:
     """The state of one backward pass over a chunk of examples (see the module docstring)."""
 
-    def __init__(self, graph: BoundGraph, trace: Trace, dtype: torch.dtype) -> None:
+    def __init__(self, graph: BoundGraph, trace: Trace, dtype: torch.dtype,
+                 slopes: Optional[Dict[int, Tensor]] = None) -> None:
         self.graph, self.trace = graph, trace
+        self.slopes = slopes or {}         # ReLU node -> lower slopes (b, *shape) of its unstable neurons
         self.u, self.eta = units(dtype)
         self.dtype = dtype
         self.acc = _Accumulator()
@@ -250,7 +252,7 @@ class _Walk:
         which also reduces the incoming pending weight ``m`` and, when the ReLU's input is a Linear,
         Conv or affine node, the pending weight of the new Λ (the ReLU's rounding and that node's)."""
         mu, rad = self.trace.boxes[node.index]
-        alpha, sigma, tau, zmax = _relu_lines(mu, rad)
+        alpha, sigma, tau, zmax = _relu_lines(mu, rad, self.slopes.get(node.index))
         u, eta = self.u, self.eta
         m_relu = _up_f64(zmax.double() * (u / (1 - u) * _RELAXED), self.dtype)
         producer = self.graph.nodes[node.inputs[0]]
@@ -296,9 +298,10 @@ class _Walk:
         return self.acc.lower()
 
 
-def _relu_lines(mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _relu_lines(mu: Tensor, rad: Tensor, slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(α, σ, τ, zmax)`` of the ReLUs over the exact boxes ``[mu - rad, mu + rad]``: the lower
-    slope (0 or 1), the upper slope and intercept (rounded up) and ``>= max(|l|, |u|)``."""
+    slope (CROWN's 0 or 1, or ``slopes`` in [0, 1] where given: any slope there is sound), the upper
+    slope and intercept (rounded up) and ``>= max(|l|, |u|)``."""
     inf = mu.new_tensor(math.inf)
     low = (mu - rad).nextafter_(-inf)
     up = (mu + rad).nextafter_(inf)
@@ -307,21 +310,86 @@ def _relu_lines(mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor
     width = torch.where(cross, (up - low).nextafter_(-inf), torch.ones_like(up))
     sigma = torch.where(cross, (up / width).nextafter_(inf), active.to(mu.dtype))
     tau = torch.where(cross, (sigma * -low).nextafter_(inf), torch.zeros_like(up))
-    alpha = torch.where(cross, (up > -low).to(mu.dtype), active.to(mu.dtype))
+    lower_slope = (up > -low).to(mu.dtype) if slopes is None else slopes.clamp(0.0, 1.0)
+    alpha = torch.where(cross, lower_slope, active.to(mu.dtype))
     return alpha, sigma, tau, torch.maximum(low.abs(), up.abs())
 
 
+def _slice(trace: Trace, part: slice) -> Trace:
+    """The trace of the examples ``part`` (boxes and recorded inputs)."""
+    return Trace(trace.shapes, {k: tuple(t[part] for t in v) for k, v in trace.boxes.items()}, trace.constants,
+                 True, {k: tuple(t[part] for t in v) for k, v in trace.inputs.items()})
+
+
+def _neuron_bounds(graph: BoundGraph, trace: Trace, node, index: Tensor, box: Pair, compute: torch.dtype
+                   ) -> Tensor:
+    """(B, 2U) float64 lower bounds of the exact ``z_i`` then of ``-z_i`` for the U flat neurons
+    ``index`` of node's value, by sound backward passes from one-hot rows (exact)."""
+    mu = box[0]
+    batch, count = mu.shape[0], index.numel()
+    shape = trace.shapes[node.index]
+    largest = max(math.prod(sh) for i, sh in trace.shapes.items() if i <= node.index)
+    chunk = rows_per_chunk(mu, batch * largest, 2 * count)
+    rows = torch.cat([index, index])
+    signs = torch.cat([mu.new_ones(count), -mu.new_ones(count)])
+    out = []
+    for r0 in range(0, 2 * count, chunk):
+        r, sign = rows[r0:r0 + chunk], signs[r0:r0 + chunk]
+        A = mu.new_zeros(batch, r.numel(), math.prod(shape))
+        A[:, torch.arange(r.numel(), device=mu.device), r] = sign
+        A = A.view((batch, r.numel()) + shape)
+        per = _examples_per_chunk(trace, A, batch)
+        out.append(torch.cat([_backward(_Walk(graph, _slice(trace, slice(i0, i0 + per)), compute),
+                                        A[i0:i0 + per], None, node.index, tuple(t[i0:i0 + per] for t in box))
+                              for i0 in range(0, batch, per)]))
+    return torch.cat(out, 1)
+
+
+def _refine(graph: BoundGraph, trace: Trace, backend: SoundBackend, box: Pair, compute: torch.dtype, stop: int):
+    """The ``refine`` hook of the walk (:func:`~pyibp.bounds.ibp.propagate`) that tightens the box in
+    front of every ReLU by sound CROWN passes, as :mod:`pyibp.bounds.intermediate` does with float ones."""
+    needs = graph.refined_nodes(stop)
+
+    def refine(node, value: Pair) -> Pair:
+        if node.index not in needs or value[0].shape[0] == 0:
+            return value
+        check_sound_crown(graph, node.index, trace.shapes)
+        lower, upper = backend.bounds(value)
+        batch = lower.shape[0]
+        low, up = lower.reshape(batch, -1), upper.reshape(batch, -1)
+        index = ((low < 0) & (up > 0)).any(0).nonzero()[:, 0]
+        if index.numel() == 0:
+            return value
+        bounds = -_up_f64(-_neuron_bounds(graph, trace, node, index, box, compute), compute)   # rounded down
+        count = index.numel()
+        low_i, up_i = low[:, index], up[:, index]
+        open_ = (low_i < 0) & (up_i > 0)
+        new_low = torch.where(open_, torch.fmax(low_i, bounds[:, :count]), low_i)
+        new_up = torch.where(open_, torch.fmin(up_i, -bounds[:, count:]), up_i)
+        new_low = torch.minimum(new_low, new_up)
+        low, up = low.index_copy(1, index, new_low), up.index_copy(1, index, new_up)
+        return backend.from_bounds(low.view(lower.shape), up.view(upper.shape))
+    return refine
+
+
 def sound_crown_margins(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, lower: Bound, upper: Bound,
-                        dtype: Optional[torch.dtype]) -> Tensor:
+                        dtype: Optional[torch.dtype], refine: bool = False,
+                        slopes: Optional[Dict[int, Tensor]] = None) -> Tensor:
     """(B, K) lower bounds of the exact network's margins (0 at j = y) on validated arguments, with
-    ``eps_t`` already rounded up; inside :func:`~pyibp.bounds.sound.sound_arithmetic`."""
+    ``eps_t`` already rounded up; inside :func:`~pyibp.bounds.sound.sound_arithmetic`.
+
+    ``refine``: CROWN's boxes in front of the ReLUs (each by sound passes) instead of IBP's.
+    ``slopes``: the lower slopes of the unstable ReLUs per margin row, ``{ReLU node: (B, K-1, *shape)}``
+    (alpha-CROWN's, found in float arithmetic; any slope in [0, 1] is sound): one pass per row.
+    """
     backend = SoundBackend()
     box = backend.start(x, eps_t, *domain(x, lower, upper))
     trace = Trace(keep_inputs=True)
-    ibp, state, last = ibp_margins(graph, box, backend, y, dtype, trace)
+    compute = x.dtype
+    hook = _refine(graph, trace, backend, box, compute, len(graph.nodes)) if refine else None
+    ibp, state, last = ibp_margins(graph, box, backend, y, dtype, trace, refine=hook)
     y = y.long()
     batch, num_classes = ibp.shape
-    compute = x.dtype
     u, _ = units(compute)
     others = _other_classes(y, num_classes)
     if last is not None:
@@ -340,19 +408,23 @@ def sound_crown_margins(graph: BoundGraph, x: Tensor, y: Tensor, eps_t: Tensor, 
         A = A.reshape(others.shape + trace.shapes[start])
         pending, const = None, None
     check_sound_crown(graph, start, trace.shapes)
+    rows = [slice(None)] if slopes is None else [slice(r, r + 1) for r in range(A.shape[1])]
     # chunks of examples, as the unsound pass (every tensor below is per example)
     chunk = _examples_per_chunk(trace, A, batch)
     bounds = []
     for i0 in range(0, batch, chunk):
         part = slice(i0, min(batch, i0 + chunk))
-        sub = Trace(trace.shapes, {k: tuple(t[part] for t in v) for k, v in trace.boxes.items()}, trace.constants,
-                    True, {k: tuple(t[part] for t in v) for k, v in trace.inputs.items()})
-        walk = _Walk(graph, sub, compute)
-        if const is not None:
-            walk.acc.add(const[0][part])
-            walk.acc.add(-const[1][part] * _U64)        # the rounding of that difference
-        bounds.append(_backward(walk, A[part], None if pending is None else pending[part], start,
-                                tuple(t[part] for t in box)))
+        sub = _slice(trace, part)
+        per_row = []
+        for r in rows:
+            walk = _Walk(graph, sub, compute, None if slopes is None else
+                         {i: s[part, r.start] for i, s in slopes.items()})
+            if const is not None:
+                walk.acc.add(const[0][part, r])
+                walk.acc.add(-const[1][part, r] * _U64)        # the rounding of that difference
+            per_row.append(_backward(walk, A[part, r], None if pending is None else pending[part], start,
+                                     tuple(t[part] for t in box)))
+        bounds.append(torch.cat(per_row, 1))
     crown = torch.cat(bounds)
     crown = -_up_f64(-crown, compute)                            # rounded down into the compute dtype
     if backend.ok is not None:

@@ -1,5 +1,5 @@
-"""``pyibp certify``: the verified error of a trained run (IBP, CROWN-IBP), merged into its
-certify.json."""
+"""``pyibp certify``: the verified error of a trained run (IBP, CROWN-IBP, CROWN, alpha-CROWN), merged
+into its certify.json."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable, Set
 
+from ..bounds.specs import METHODS
 from .common import (Output, ResultFile, common_options, format_table, load, pct, run_evaluation_options, test_set,
                      torch_device)
 
@@ -15,13 +16,17 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     """Adds the subcommand to the ``pyibp`` parser (``command`` makes its sub-parser)."""
-    from ..evaluation import METHODS
-    p = command("certify", "verified error of a trained run (IBP, CROWN-IBP)",
+    p = command("certify", "verified error of a trained run (IBP, CROWN-IBP, CROWN, alpha-CROWN)",
                 "Verified error of a run's model on its test set: an example is verified when it is\n"
                 "classified correctly and no input of its ε-box can change that, as the bounds prove.\n"
                 "The result is printed and merged into RUN_DIR/certify.json.")
     run_evaluation_options(p, "certify")
-    p.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS), help="bounding methods")
+    p.add_argument("--method", nargs="+", choices=METHODS, default=["ibp", "crown-ibp"],
+                   help="bounding methods, from the cheapest to the tightest: " + ", ".join(METHODS))
+    p.add_argument("--alpha-steps", type=int, default=20, metavar="N",
+                   help="alpha-CROWN: optimisation steps of the ReLU slopes (default 20)")
+    p.add_argument("--alpha-lr", type=float, default=0.5, metavar="LR",
+                   help="alpha-CROWN: Adam's learning rate for the slopes (default 0.5)")
     p.add_argument("--float64", action="store_true", help="compute the bounds in float64")
     p.add_argument("--sound", action="store_true",
                    help="certificates of the network in exact real arithmetic, whatever the float rounding "
@@ -35,6 +40,7 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     """Runs ``pyibp certify``; returns the exit code."""
     import torch
+    from ..bounds import AlphaOptions
     from ..evaluation import verify
     from ..data import loader
     from ..runs import eval_batch_size
@@ -46,15 +52,18 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     rows, results, verified = [], {}, {}
     saved = ResultFile(Path(args.run) / "certify.json")
     methods = list(dict.fromkeys(args.method))
+    alpha = AlphaOptions(steps=args.alpha_steps, lr=args.alpha_lr)      # a ValueError names a bad option
     for method in methods:
         start = time.perf_counter()
         r = verify(model, batches, eps, method=method, device=device, quiet=args.quiet,
-                   dtype=torch.float64 if args.float64 else None, sound=args.sound)
+                   dtype=torch.float64 if args.float64 else None, sound=args.sound, alpha=alpha)
         seconds = time.perf_counter() - start
         entry = {"method": method, "eps": eps, "float64": args.float64, "sound": r.sound,
                  "certificate": "exact real arithmetic" if r.sound else "float round-to-nearest", "examples": len(r),
                  "clean_error": r.clean_error, "verified_error": r.verified_error, "epoch": meta["epoch"],
                  "seconds": seconds}
+        if method == "alpha-crown":
+            entry.update(steps=alpha.steps, lr=alpha.lr)
         results[method] = entry
         verified[method] = r.verified
         saved.add(f"{method} eps={eps}{' float64' if args.float64 else ''}{' sound' if r.sound else ''}", entry)
