@@ -376,7 +376,8 @@ def test_verify_float64_and_zero_eps():
 
 @pytest.mark.parametrize("call,message", [
     (lambda m, d: verify(m, d, -0.1), r"eps must be a finite value >= 0, got -0.1"),
-    (lambda m, d: verify(m, d, 0.1, method="lp"), r"method must be one of \('ibp', 'crown-ibp'\), got 'lp'"),
+    (lambda m, d: verify(m, d, 0.1, method="lp"),
+     r"method must be one of \('ibp', 'crown-ibp', 'crown', 'alpha-crown'\), got 'lp'"),
     (lambda m, d: robustness_report(m, d, 0.1, methods=()), r"methods must name at least one"),
     (lambda m, d: verify(m, (d[0], d[1][:3]), 0.1), r"x and y must hold the same number of examples, got 4 and 3"),
 ])
