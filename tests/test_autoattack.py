@@ -1,6 +1,7 @@
 """The fused APGD update against its reference, and APGD, FAB, Square and the AutoAttack cascade:
 the schedule of the original, the ball/domain/model contract, strength against PGD, and soundness
 against IBP certificates."""
+import copy
 import math
 
 import pytest
@@ -11,9 +12,12 @@ from torch import nn
 import pyibp
 from pyibp import ops
 from pyibp.attacks import apgd, apgd_checkpoints, attack_loss, autoattack, fab, pgd, square
-from pyibp.training import ibp_loss
+from pyibp.attacks.apgd import run_apgd
+from pyibp.attacks.common import Evaluator, check_inputs, untouched
+from pyibp.attacks.fab import run_fab
 from pyibp.data import mnist5k
 from pyibp.reference import apgd_step_ref
+from pyibp.training import ibp_loss
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -350,3 +354,47 @@ def test_models_the_bounds_refuse_are_attacked_in_full():
     assert result.verification.startswith("skipped: sound=True cannot bound") and "Tanh" in result.verification
     assert result.verified.sum() == 0
     assert result.attacks[0].attacked == 6
+
+
+class RowCounter(nn.Module):
+    """The model, counting the rows it is run on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.model(x)
+
+
+@pytest.mark.parametrize("kind", ["apgd-t", "fab-t"])
+def test_batched_targets_break_what_the_sequential_runs_break(trained, kind):
+    """APGD-T / FAB-T with their 9 targets as one batch of 9 x B rows (as on accelerators) break,
+    on a seeded run, exactly the examples the runs one target at a time (as on the CPU) break, and
+    drop every row of an example once one of them breaks it."""
+    models, x, y = trained
+    model = RowCounter(copy.deepcopy(models["standard"]).double())   # float64: batching changes no rounding
+    x, y = x[:50].double(), y[:50]
+    eps, domain, y, _ = check_inputs(model, x, y, 0.08, 0.0, 1.0)
+    with torch.no_grad():
+        correct = model.model(x).argmax(1) == y
+    found, rows = {}, {}
+    for at_once in (1, 9):
+        model.rows = 0
+        with untouched(model):
+            ev = Evaluator(model)
+            common = dict(norm="linf", targeted=True, n_target_classes=9, steps=10, restarts=1,
+                          generator=torch.Generator().manual_seed(0), tick=lambda n: None, at_once=at_once)
+            if kind == "apgd-t":
+                delta, fooled = run_apgd(ev, x, y, eps, domain, loss="dlr", **common)
+            else:
+                delta, fooled = run_fab(ev, x, y, eps, domain, **common)
+        found[at_once], rows[at_once] = fooled & correct, model.rows
+        assert_contract(delta, x, 0.08, "linf", 0.0, 1.0)
+        with torch.no_grad():
+            assert torch.equal((model.model(x + delta).argmax(1) != y) & correct, fooled & correct)
+    assert torch.equal(found[1], found[9])
+    assert 0 < int(found[9].sum()) < int(correct.sum())
+    steps_per_run = 11 if kind == "apgd-t" else 20     # APGD: a gradient per step; FAB: a gradient and a check
+    assert rows[9] < 9 * int(correct.sum()) * steps_per_run        # broken examples left the batch early

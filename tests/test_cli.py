@@ -159,7 +159,7 @@ def test_certify_sound_records_the_kind_of_certificate(run, capsys):
 def test_certify_with_crown_and_alpha_crown_records_method_steps_and_time(run, capsys):
     folder, _ = run
     code, out, _ = run_main(["certify", str(folder), "--method", "crown-ibp", "crown", "alpha-crown",
-                             "--alpha-steps", "3", "--test-subset", "6", "--device", "cpu", "--json"], capsys)
+                             "--alpha-steps", "3", "--test-subset", "4", "--device", "cpu", "--json"], capsys)
     results = json.loads(out)["results"]
     assert code == 0 and list(results) == ["crown-ibp", "crown", "alpha-crown"]
     assert (results["alpha-crown"]["verified_error"] <= results["crown"]["verified_error"]

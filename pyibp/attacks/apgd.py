@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..distributed import unwrap
 from .common import (LOSSES, NORMS, Bound, Domain, Eps, Evaluator, _check_choice, check_count, check_inputs,
-                     misclassified, per_example_view, project_, take, untouched)
+                     misclassified, per_example_view, project_, runs_at_once, take, untouched)
 
 __all__ = ["apgd", "apgd_checkpoints"]
 
@@ -75,43 +75,51 @@ def _start(x: Tensor, eps: Tensor, domain: Domain, norm: str, generator: Optiona
     return project_(delta, x, eps, domain, norm)
 
 
-def _run_once(ev: Evaluator, x: Tensor, y: Tensor, target: Optional[Tensor], eps: Tensor, domain: Domain, *,
-              norm: str, loss: str, steps: int, generator: Optional[torch.Generator], tick: Tick
+def _run_once(ev: Evaluator, x: Tensor, y: Tensor, target: Optional[Tensor], eps: Tensor, domain: Domain,
+              start: Tensor, owner: Tensor, *, loss: str, norm: str, steps: int, tick: Tick
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One APGD run from a random start. Returns ``(delta, fooled, best, best_loss)``: per example
-    a fooling delta where one was found, whether it was, and the highest-loss delta and its loss.
+    """APGD from ``start`` on R rows at once, each row one run: an example under several targets
+    (or restarts) has one row per run, ``owner`` (R,) naming its example. Returns per row
+    ``(delta, fooled, best, best_loss)``: a fooling delta where the row found one, whether it
+    did, and the row's highest-loss delta and its loss.
 
-    An example leaves the batch once the model misclassifies it: its result is final and every
-    other example's run is independent of it, so the others go on exactly as in the full batch.
+    Once a row fools the model, every row of its example leaves the batch (the example is
+    broken; its other runs could only find it broken again). Every row's run is independent of
+    the others, so the rows that stay go on exactly as they would alone.
     """
-    B = x.shape[0]
+    R = x.shape[0]
     update = ops.apgd_linf_step_ if norm == "linf" else ops.apgd_l2_step_
     s = _State()
-    s.index, s.x, s.y, s.target = torch.arange(B, device=x.device), x, y, target
-    s.eps = eps.expand(B).clone() if eps.dim() == 0 else eps
+    s.index, s.x, s.y, s.target = torch.arange(R, device=x.device), x, y, target
+    s.eps = eps.expand(R).clone() if eps.dim() == 0 else eps
     s.lower, s.upper = domain.lower, domain.upper
-    s.delta = _start(x, eps, domain, norm, generator)
+    s.delta = start
     s.previous = s.delta.clone()
     s.grad, logits, value = ev.grad(x, s.delta, y, loss, target)
     s.best, s.best_grad, s.best_loss = s.delta.clone(), s.grad.clone(), value
     s.step = 2 * s.eps.to(torch.float64)
-    s.history = value.new_empty((steps + 1, B))
+    s.history = value.new_empty((steps + 1, R))
     s.history[0] = value
-    s.best_at_check, s.reduced_at_check = value.clone(), torch.ones(B, dtype=torch.bool, device=x.device)
+    s.best_at_check, s.reduced_at_check = value.clone(), torch.ones(R, dtype=torch.bool, device=x.device)
 
     best, best_loss = s.delta.clone(), value.clone()      # results, indexed by the original rows
-    fooled = misclassified(logits, y, None)
-    adversarial = torch.where(per_example_view(fooled, x), s.delta, torch.zeros_like(x))
+    fooled = torch.zeros(R, dtype=torch.bool, device=x.device)
+    adversarial = torch.zeros_like(x)
+    broken = torch.zeros(int(owner.max()) + 1 if R else 0, dtype=torch.bool, device=x.device)
     checkpoints, last_check = set(apgd_checkpoints(steps)), 0
 
     def finish_fooled(wrong: Tensor) -> None:
         rows = s.index[wrong]
         adversarial[rows], fooled[rows] = s.delta[wrong], True
-        best[rows], best_loss[rows] = s.best[wrong], s.best_loss[wrong]
-        s.keep(~wrong)
+        broken[owner[rows]] = True
+        leave = broken[owner[s.index]]
+        gone = s.index[leave]
+        best[gone], best_loss[gone] = s.best[leave], s.best_loss[leave]
+        s.keep(~leave)
 
-    if fooled.any():
-        finish_fooled(fooled.clone())
+    wrong = misclassified(logits, y, None)
+    if wrong.any():
+        finish_fooled(wrong)
     for i in range(steps):
         if s.index.numel() == 0:
             tick(steps - i)
@@ -119,7 +127,9 @@ def _run_once(ev: Evaluator, x: Tensor, y: Tensor, target: Optional[Tensor], eps
         update(s.delta, s.previous, s.grad, s.x, s.eps, s.step, 1.0 if i == 0 else MOMENTUM, s.lower, s.upper)
         s.grad, logits, value = ev.grad(s.x, s.delta, s.y, loss, s.target)
         improved = value > s.best_loss
-        s.best[improved], s.best_grad[improved] = s.delta[improved], s.grad[improved]
+        # torch.where, not a masked copy: no host synchronisation on an accelerator
+        s.best = torch.where(per_example_view(improved, s.x), s.delta, s.best)
+        s.best_grad = torch.where(per_example_view(improved, s.x), s.grad, s.best_grad)
         s.best_loss = torch.where(improved, value, s.best_loss)
         s.history[i + 1] = value
         if i + 1 in checkpoints:
@@ -139,32 +149,53 @@ def _run_once(ev: Evaluator, x: Tensor, y: Tensor, target: Optional[Tensor], eps
 
 def run_apgd(ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain, *, norm: str, loss: str,
              targeted: bool, n_target_classes: int, steps: int, restarts: int,
-             generator: Optional[torch.Generator], tick: Tick) -> Tuple[Tensor, Tensor]:
+             generator: Optional[torch.Generator], tick: Tick, clean_logits: Optional[Tensor] = None,
+             at_once: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """APGD over restarts (and target classes when ``targeted``) on checked inputs, each run only on
-    the examples no earlier run has fooled. Returns ``(delta, fooled)``."""
+    the examples no earlier run has fooled. Returns ``(delta, fooled)``.
+
+    The runs go in groups of ``at_once`` (default :func:`runs_at_once`), a group as one batch of
+    (runs x examples) rows. The random start of every run is drawn for all B examples, in run
+    order, whatever the grouping: a seeded attack finds the same examples broken either way.
+    ``clean_logits`` (B, K), when the caller has them, spare APGD-T a forward pass.
+    """
     B = x.shape[0]
     result = torch.zeros_like(x)
     fooled = torch.zeros(B, dtype=torch.bool, device=x.device)
     best_loss = torch.full((B,), float("-inf"), dtype=torch.float64, device=x.device)
     ranked: Optional[Tensor] = None
-    targets: List[Optional[int]] = [None]
+    ranks: List[Optional[int]] = [None]
     if targeted and B:
         with torch.no_grad():
-            ranked = ev.logits(x, y).argsort(dim=1, descending=True)   # the original's targets: the runners-up
-        targets = list(range(1, min(n_target_classes, ranked.shape[1] - 1) + 1))
-    for rank in targets:
-        for _ in range(restarts):
-            todo = (~fooled).nonzero()[:, 0]
-            if todo.numel() == 0:
-                tick(steps)
-                continue
-            target = None if rank is None else ranked[todo, rank]
-            delta, won, best, value = _run_once(ev, x[todo], y[todo], target, take(eps, todo), domain.take(todo),
-                                                norm=norm, loss=loss, steps=steps, generator=generator, tick=tick)
-            value = value.to(torch.float64)
-            higher = ~won & (value > best_loss[todo])
-            result[todo[won]], fooled[todo[won]] = delta[won], True
-            result[todo[higher]], best_loss[todo[higher]] = best[higher], value[higher]
+            logits = clean_logits if clean_logits is not None else ev.logits(x, y)
+        ranked = logits.argsort(dim=1, descending=True)   # the original's targets: the runners-up
+        ranks = list(range(1, min(n_target_classes, ranked.shape[1] - 1) + 1))
+    runs = [rank for rank in ranks for _ in range(restarts)]
+    group = at_once if at_once is not None else runs_at_once(x, len(runs))
+    for first in range(0, len(runs), group):
+        chosen = runs[first:first + group]
+        g = len(chosen)
+        starts = [_start(x, eps, domain, norm, generator) for _ in chosen]
+        todo = (~fooled).nonzero()[:, 0]
+        n = todo.numel()
+        if n == 0:
+            tick(steps * g)
+            continue
+        rows = todo.repeat(g)
+        owner = torch.arange(n, device=x.device).repeat(g)
+        target = None if ranked is None else torch.cat([ranked[todo, rank] for rank in chosen])
+        start = torch.cat([st[todo] for st in starts])
+        delta, won, best, value = _run_once(ev, x[rows], y[rows], target, take(eps, rows), domain.take(rows),
+                                            start, owner, norm=norm, loss=loss, steps=steps,
+                                            tick=lambda k: tick(k * g))
+        value = value.to(torch.float64)
+        for j in reversed(range(g)):      # the first run that fooled an example gives its delta
+            part = slice(j * n, (j + 1) * n)
+            result[todo[won[part]]], fooled[todo[won[part]]] = delta[part][won[part]], True
+        for j in range(g):                # else the highest loss, the earliest run on ties
+            part = slice(j * n, (j + 1) * n)
+            higher = ~fooled[todo] & (value[part] > best_loss[todo])
+            result[todo[higher]], best_loss[todo[higher]] = best[part][higher], value[part][higher]
     return result, fooled
 
 

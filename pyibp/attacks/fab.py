@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..distributed import unwrap
 from .common import (NORMS, Bound, Domain, Eps, Evaluator, _check_choice, check_count, check_inputs,
-                     per_example_view, project_, take, untouched)
+                     per_example_view, project_, runs_at_once, take, untouched)
 
 __all__ = ["fab"]
 
@@ -140,26 +140,33 @@ def _boundary(ev: Evaluator, z: Tensor, y: Tensor, target: Optional[Tensor]) -> 
     return df, dg
 
 
-def _fab_once(ev: Evaluator, x: Tensor, y: Tensor, target: Optional[Tensor], eps: Tensor, domain: Domain, *,
-              norm: str, steps: int, random_start: bool, generator: Optional[torch.Generator],
-              tick: Tick) -> Tuple[Tensor, Tensor]:
-    """One FAB run on correctly classified points. Returns ``(adversarial input, its norm)``, the
-    norm 1e10 where none was found. Points leave the batch once their best norm is within eps:
-    they count as broken, and the other points' runs do not depend on them."""
-    B = x.shape[0]
+def _fab_start(x: Tensor, eps: Tensor, domain: Domain, norm: str, generator: Optional[torch.Generator]) -> Tensor:
+    """The original's random start of a restart: a uniform (l∞) or Gaussian (l2) direction at
+    half the radius eps, clamped to the domain."""
+    if norm == "linf":
+        t = 2 * torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 1
+    else:
+        t = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    z = x + per_example_view(eps.to(x.dtype), x) * t / per_example_view(_norms(t, norm), x) * 0.5
+    return torch.maximum(torch.minimum(z, domain.upper), domain.lower)
+
+
+def _fab_once(ev: Evaluator, x: Tensor, y: Tensor, target: Optional[Tensor], eps: Tensor, domain: Domain,
+              start: Tensor, owner: Tensor, *, norm: str, steps: int, tick: Tick) -> Tuple[Tensor, Tensor]:
+    """FAB from ``start`` on R rows of correctly classified points, each row one run (``owner``
+    (R,) names the example of each row, as in APGD's batched runs). Returns per row
+    ``(adversarial input, its norm)``, the norm 1e10 where none was found. Once a row's best
+    norm is within eps its example is broken and all its rows leave the batch; the other rows'
+    runs do not depend on them."""
+    R = x.shape[0]
     project = _project_linf if norm == "linf" else _project_l2
     lo, hi = (domain.lower.expand(x.shape).flatten(1), domain.upper.expand(x.shape).flatten(1))
     view = lambda t: per_example_view(t, x)  # noqa: E731
-    adv, best_norm = x.clone(), torch.full((B,), 1e10, dtype=torch.float64, device=x.device)
-    z = x.clone()
-    if random_start:
-        t = (2 * torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 1 if norm == "linf"
-             else torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device))
-        radius = torch.minimum(best_norm, eps.to(torch.float64).expand(B)).to(x.dtype)
-        z = x + view(radius) * t / view(_norms(t, norm)) * 0.5
-        z = torch.maximum(torch.minimum(z, domain.upper), domain.lower)
-    active = torch.arange(B, device=x.device)
-    e = eps.to(torch.float64).expand(B)
+    adv, best_norm = x.clone(), torch.full((R,), 1e10, dtype=torch.float64, device=x.device)
+    z = start
+    active = torch.arange(R, device=x.device)
+    e = eps.to(torch.float64).expand(R)
+    broken = torch.zeros(int(owner.max()) + 1 if R else 0, dtype=torch.bool, device=x.device)
     for step in range(steps):
         if active.numel() == 0:
             tick(steps - step)
@@ -187,41 +194,61 @@ def _fab_once(ev: Evaluator, x: Tensor, y: Tensor, target: Optional[Tensor], eps
             better = wrong & (size < best_norm[active])
             adv[active[better]], best_norm[active[better]] = za[better], size[better]
             za[wrong] = xa[wrong] + (za[wrong] - xa[wrong]) * BETA
+            broken[owner[active[better & (size <= e[active])]]] = True
         z[active] = za
-        active = active[best_norm[active] > e[active]]
+        active = active[~broken[owner[active]]]
         tick(1)
     return adv, best_norm
 
 
 def run_fab(ev: Evaluator, x: Tensor, y: Tensor, eps: Tensor, domain: Domain, *, norm: str, targeted: bool,
             n_target_classes: int, steps: int, restarts: int, generator: Optional[torch.Generator],
-            tick: Tick) -> Tuple[Tensor, Tensor]:
+            tick: Tick, clean_logits: Optional[Tensor] = None, at_once: Optional[int] = None
+            ) -> Tuple[Tensor, Tensor]:
     """FAB over target classes and restarts (the first run of each target from the input, later
-    ones from random starts), each run on the examples not yet broken. Returns ``(delta, fooled)``."""
+    ones from random starts), each run on the examples not yet broken. Returns ``(delta, fooled)``.
+
+    The runs go in groups of ``at_once`` rows per example (default :func:`runs_at_once`), as in
+    :func:`pyibp.attacks.apgd.run_apgd`; random starts are drawn for all B examples in run order
+    whatever the grouping. ``clean_logits`` (B, K), when the caller has them, spare a forward pass.
+    """
     if not (torch.isfinite(domain.lower).all() and torch.isfinite(domain.upper).all()):
         raise ValueError("fab projects onto the input domain and needs finite lower and upper bounds")
     B = x.shape[0]
     delta = torch.zeros_like(x)
-    with torch.no_grad():
-        logits = ev.logits(x, y) if B else None
     fooled = torch.zeros(B, dtype=torch.bool, device=x.device)
-    targets: List[Optional[int]] = [None]
-    if targeted and B:
-        targets = list(range(1, min(n_target_classes, logits.shape[1] - 1) + 1))
-    correct = torch.ones(B, dtype=torch.bool, device=x.device) if not B else logits.argmax(1) == y
-    ranked = logits.argsort(dim=1, descending=True) if B else None
-    for rank in targets:
-        for restart in range(restarts):
-            todo = (correct & ~fooled).nonzero()[:, 0]
-            if todo.numel() == 0:
-                tick(steps)
-                continue
-            target = None if rank is None else ranked[todo, rank]
-            adv, size = _fab_once(ev, x[todo], y[todo], target, take(eps, todo), domain.take(todo), norm=norm,
-                                  steps=steps, random_start=restart > 0, generator=generator, tick=tick)
-            won = size <= take(eps, todo).to(torch.float64)
-            delta[todo[won]] = adv[won] - x[todo[won]]
-            fooled[todo[won]] = True
+    if not B:
+        return delta, fooled
+    with torch.no_grad():
+        logits = clean_logits if clean_logits is not None else ev.logits(x, y)
+    ranks: List[Optional[int]] = [None]
+    if targeted:
+        ranks = list(range(1, min(n_target_classes, logits.shape[1] - 1) + 1))
+    correct = logits.argmax(1) == y
+    ranked = logits.argsort(dim=1, descending=True)
+    runs = [(rank, restart) for rank in ranks for restart in range(restarts)]
+    group = at_once if at_once is not None else runs_at_once(x, len(runs))
+    for first in range(0, len(runs), group):
+        chosen = runs[first:first + group]
+        g = len(chosen)
+        starts = [_fab_start(x, eps, domain, norm, generator) if restart > 0 else x for _, restart in chosen]
+        todo = (correct & ~fooled).nonzero()[:, 0]
+        n = todo.numel()
+        if n == 0:
+            tick(steps * g)
+            continue
+        rows = todo.repeat(g)
+        owner = torch.arange(n, device=x.device).repeat(g)
+        target = None if not targeted else torch.cat([ranked[todo, rank] for rank, _ in chosen])
+        start = torch.cat([st[todo] for st in starts])
+        adv, size = _fab_once(ev, x[rows], y[rows], target, take(eps, rows), domain.take(rows), start, owner,
+                              norm=norm, steps=steps, tick=lambda k: tick(k * g))
+        won = size <= take(eps, rows).to(torch.float64)
+        for j in reversed(range(g)):      # the first run that broke an example gives its delta
+            part = slice(j * n, (j + 1) * n)
+            hit = todo[won[part]]
+            delta[hit] = adv[part][won[part]] - x[hit]
+            fooled[hit] = True
     # Found perturbations lie within eps up to rounding; the projection makes that exact.
     return project_(delta, x, eps, domain, norm), fooled
 
