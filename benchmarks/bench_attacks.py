@@ -203,16 +203,16 @@ def fgsm_trained_cnn(epochs: int, eps: float) -> nn.Module:
     """The tutorial CNN after one standard epoch and ``epochs`` of FGSM training (random start,
     step 1.25 eps) on mnist-5k with Adam (lr 1e-3), seeded; in eval mode."""
     from pyibp.data import loader, mnist5k
-    from pyibp.train import fgsm_train_epoch, train_epoch
+    from pyibp.training import FGSMTraining, Standard, train_epoch
 
     torch.manual_seed(0)
     train, _ = mnist5k()
     model = tutorial_cnn()
     batches = loader(train, 100, shuffle=True, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train_epoch(model, batches, opt, quiet=True)
+    train_epoch(model, Standard(), batches, opt, quiet=True)
     for _ in range(epochs):
-        fgsm_train_epoch(model, batches, opt, eps=eps, quiet=True, generator=torch.Generator().manual_seed(0))
+        train_epoch(model, FGSMTraining(eps), batches, opt, quiet=True, generator=torch.Generator().manual_seed(0))
     return model.eval()
 
 
@@ -220,25 +220,25 @@ def pgd_trained_cnn(epochs: int, eps: float) -> nn.Module:
     """The tutorial CNN after one standard epoch and ``epochs`` of PGD-10 training (random start,
     step eps / 4) on mnist-5k with Adam (lr 1e-3), seeded; in eval mode."""
     from pyibp.data import loader, mnist5k
-    from pyibp.train import adversarial_train_epoch, train_epoch
+    from pyibp.training import PGDTraining, Standard, train_epoch
 
     torch.manual_seed(0)
     train, _ = mnist5k()
     model = tutorial_cnn()
     batches = loader(train, 100, shuffle=True, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train_epoch(model, batches, opt, quiet=True)
+    train_epoch(model, Standard(), batches, opt, quiet=True)
     for _ in range(epochs):
-        adversarial_train_epoch(model, batches, opt, eps=eps, alpha=eps / 4, steps=10, quiet=True,
-                                generator=torch.Generator().manual_seed(0))
+        train_epoch(model, PGDTraining(eps, alpha=eps / 4, steps=10), batches, opt, quiet=True,
+                    generator=torch.Generator().manual_seed(0))
     return model.eval()
 
 
 def ibp_trained_cnn(epochs: int, eps: float) -> nn.Module:
     """The tutorial CNN after ``epochs`` of IBP training on mnist-5k (Gowal et al.: ε ramped up and κ
     from 1 down to 0.5 over the first half, Adam lr 1e-3), seeded; in eval mode."""
-    from pyibp.certified_training import certified_train_epoch
     from pyibp.data import loader, mnist5k
+    from pyibp.training import IBP, train_epoch
 
     torch.manual_seed(0)
     train, _ = mnist5k()
@@ -248,9 +248,8 @@ def ibp_trained_cnn(epochs: int, eps: float) -> nn.Module:
     ramp = 0.5 * epochs * len(batches)
     step = 0
     for _ in range(epochs):
-        _, step = certified_train_epoch(model, batches, opt, eps_schedule=lambda t: eps * min(1.0, t / ramp),
-                                        kappa_schedule=lambda t: max(0.5, 1 - 0.5 * t / ramp), step_offset=step,
-                                        quiet=True)
+        method = IBP(lambda t: eps * min(1.0, t / ramp), lambda t: max(0.5, 1 - 0.5 * t / ramp))
+        _, step = train_epoch(model, method, batches, opt, step=step, quiet=True)
     return model.eval()
 
 

@@ -2,14 +2,14 @@
 
 A step is forward + backward + optimizer step on one batch (SGD, momentum 0.9):
   * standard:   F.cross_entropy(model(x), y)
-  * ibp:        pyibp.certified_training.ibp_loss(..., kappa=0.5)            — fused IBP, last-layer elision
+  * ibp:        pyibp.training.ibp_loss(..., kappa=0.5)                      — fused IBP, last-layer elision
   * ibp-torch:  the same loss with margin_bounds(backend="torch")            — the tutorial's IBP formulas
   * ibp-k0:     κ = 0 (the default recipe after its ramp): the bound's loss only, and the clean
-                forward pass without a graph, for the metrics                 — as certified_train_epoch
+                forward pass without a graph, for the metrics                 — as pyibp.training.IBP
   * crown-ibp:  ibp_loss(..., method="crown-ibp", beta=1)                     — IBP + one CROWN backward pass
                 over the K-1 margins
   * crown-ibp-lf: the same with loss_fusion=True                              — one CROWN row per example
-  * mtl-ibp, cc-ibp: pyibp.expressive_losses.expressive_loss(..., alpha=0.5)  — the default recipe's step:
+  * mtl-ibp, cc-ibp: pyibp.training.MTLIBP / CCIBP(alpha=0.5).loss at κ = 0     — the default recipe's step:
                 a 1-step attack (10 ε from a random start), IBP, the adversarial logits; clean pass
                 without a graph as in ibp-k0
   * sabr:       the same with an 8-step attack (0.5 ε) and IBP over the box of radius 0.4 ε, plus
@@ -31,8 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyibp  # noqa: E402
 from common import devices, interleaved_medians, print_table, write_json  # noqa: E402
-from pyibp.certified_training import ibp_loss  # noqa: E402
-from pyibp.expressive_losses import expressive_loss  # noqa: E402
+from pyibp.training import CCIBP, MTLIBP, SABR, ibp_loss  # noqa: E402
 from pyibp.models import cifar_cnn, tutorial_cnn  # noqa: E402
 
 # name -> (factory, input shape, batch, eps)
@@ -53,12 +52,9 @@ def losses(model, x, y, eps) -> Dict[str, Callable[[], torch.Tensor]]:
             model(x)
         return ibp_loss(model, x, y, eps, 0.0)
 
-    def expressive(method: str, **attack):
-        def loss():
-            with torch.no_grad():
-                model(x)
-            return expressive_loss(model, x, y, eps, method=method, alpha=0.5, lam=0.4, **attack)
-        return loss
+    def expressive(method):
+        # The whole training step's loss at κ = 0: the attack, the clean pass without a graph, the robust term.
+        return lambda: method.loss(model, x, y, 0).objective
 
     return {"standard": lambda: F.cross_entropy(model(x), y),
             "ibp": lambda: ibp_loss(model, x, y, eps, KAPPA),
@@ -67,9 +63,9 @@ def losses(model, x, y, eps) -> Dict[str, Callable[[], torch.Tensor]]:
             "crown-ibp": lambda: ibp_loss(model, x, y, eps, KAPPA, method="crown-ibp", beta=1.0),
             "crown-ibp-lf": lambda: ibp_loss(model, x, y, eps, KAPPA, method="crown-ibp", beta=1.0,
                                              loss_fusion=True),
-            "mtl-ibp": expressive("mtl-ibp", attack_steps=1, step_scale=10.0),
-            "cc-ibp": expressive("cc-ibp", attack_steps=1, step_scale=10.0),
-            "sabr": expressive("sabr", attack_steps=8, step_scale=0.5)}
+            "mtl-ibp": expressive(MTLIBP(eps, 0.0, alpha=0.5, attack_steps=1, attack_step_scale=10.0)),
+            "cc-ibp": expressive(CCIBP(eps, 0.0, alpha=0.5, attack_steps=1, attack_step_scale=10.0)),
+            "sabr": expressive(SABR(eps, 0.0, lam=0.4, attack_steps=8, attack_step_scale=0.5))}
 
 
 def training_step(model, optimizer, loss_fn):

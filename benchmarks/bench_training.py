@@ -29,16 +29,11 @@ METHODS = ("standard", "pgd7", "ibp", "crown-ibp", "crown-ibp-lf")   # lf: with 
 
 
 def _epoch(method, model, loader, opt, eps):
-    from pyibp.certified_training import certified_train_epoch
-    from pyibp.train import adversarial_train_epoch, train_epoch
-    if method == "standard":
-        return train_epoch(model, loader, opt, quiet=True)
-    if method == "pgd7":
-        return adversarial_train_epoch(model, loader, opt, eps=eps, alpha=eps / 4, steps=7, quiet=True)
-    metrics, _ = certified_train_epoch(model, loader, opt, eps_schedule=eps, kappa_schedule=0.5,
-                                       method=method.removesuffix("-lf"), loss_fusion=method.endswith("-lf"),
-                                       quiet=True)
-    return metrics
+    from pyibp.training import CROWNIBP, IBP, PGDTraining, Standard, train_epoch
+    trained = {"standard": lambda: Standard(), "pgd7": lambda: PGDTraining(eps, alpha=eps / 4, steps=7),
+               "ibp": lambda: IBP(eps, 0.5), "crown-ibp": lambda: CROWNIBP(eps, 0.5),
+               "crown-ibp-lf": lambda: CROWNIBP(eps, 0.5, loss_fusion=True)}[method]()
+    return train_epoch(model, trained, loader, opt, quiet=True)[0]
 
 
 def worker(args) -> None:

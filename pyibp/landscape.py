@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models import eval_mode
 from .runs import atomic_write
-from .train import eval_mode
 
 __all__ = ["Surface", "loss_surface", "plot_surfaces"]
 

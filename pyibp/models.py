@@ -1,8 +1,14 @@
 """Models used by the tutorial and the certified-training literature: nn.Sequential, and a CIFAR
-ResNet written as an ordinary nn.Module with a functional forward (pyibp bounds either)."""
+ResNet written as an ordinary nn.Module with a functional forward (pyibp bounds either); how a
+recipe names a model (:func:`check_model`, :func:`model_spec`: a name of the zoo or a user's
+factory ``FILE.py:FUNCTION`` / ``MODULE:FUNCTION``); and what every loop asks of a model
+(:func:`eval_mode`, :func:`model_device`)."""
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +17,7 @@ from torch import Tensor, nn
 from .nn import Residual
 
 __all__ = ["tutorial_cnn", "cifar_cnn", "cnn7", "resnet_small", "cifar_resnet", "CifarResNet", "MODELS",
-           "build_model"]
+           "build_model", "check_model", "model_spec", "is_factory", "is_factory_file", "eval_mode", "model_device"]
 
 
 def _four_conv_cnn(in_channels: int, widths: Sequence[int], hidden: int, num_classes: int,
@@ -186,3 +192,74 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+
+
+_SPEC_FORM = "FILE.py:FACTORY or MODULE:FACTORY"
+
+
+def is_factory(name: str) -> bool:
+    """Whether a model name is a factory spec (``where:function``) rather than a name of the zoo."""
+    return ":" in name
+
+
+def is_factory_file(where: str) -> bool:
+    """Whether the ``where`` of a factory spec is a file (else a module to import)."""
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def check_model(name: str) -> None:
+    """Raises ValueError unless ``name`` is a model of the zoo or has the form of a factory.
+
+    Example:
+        >>> check_model("tutorial-cnn"); check_model("my_models.py:small_cnn")
+    """
+    if not isinstance(name, str) or not (name in MODELS or is_factory(name)):
+        raise ValueError(f"model must be one of {tuple(MODELS)} or a factory {_SPEC_FORM}, got {name!r}")
+    if is_factory(name):
+        where, _, function = name.rpartition(":")
+        if not where or not function.isidentifier():
+            raise ValueError(f"model must be a factory {_SPEC_FORM}, got {name!r}")
+
+
+def model_spec(name: str) -> str:
+    """``name`` as a recipe records it: a factory file by its absolute path (evaluating or resuming
+    the run from another folder finds the same file), anything else unchanged.
+
+    Example:
+        >>> model_spec("tutorial-cnn")
+        'tutorial-cnn'
+    """
+    check_model(name)
+    where, _, function = name.rpartition(":")
+    if is_factory(name) and is_factory_file(where):
+        return f"{Path(where).expanduser().resolve()}:{function}"
+    return name
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block; every submodule gets its own mode back afterwards.
+
+    Example:
+        >>> with eval_mode(model):
+        ...     logits = model(x)                # BatchNorm with running statistics, no dropout
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither).
+
+    Example:
+        >>> model_device(tutorial_cnn())
+        device(type='cpu')
+    """
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")

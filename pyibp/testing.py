@@ -35,17 +35,27 @@ def random_model(seed: int, *, in_channels: int = 2, size: int = 8, num_classes:
                  allow_batchnorm: bool = True, nest: bool = True) -> Tuple[nn.Sequential, Tuple[int, ...]]:
     """A random classifier using every layer pyibp supports, and its input shape (C, H, W).
 
-    Layers are drawn from ``seed`` alone, so a failing hypothesis example is reproducible:
-    convolutions with random kernel/stride/padding/dilation/groups, optional BatchNorm (eval, with
-    random statistics), ReLU, AvgPool/MaxPool, Flatten, Linear, Dropout, Identity, Normalize, and
-    a nested Sequential. The model is returned in eval mode.
+    Layers and weights are drawn from ``seed`` alone (the global generator is neither read nor
+    advanced), so a failing hypothesis example is reproducible: convolutions with random
+    kernel/stride/padding/dilation/groups, optional BatchNorm (eval, with random statistics),
+    ReLU, AvgPool/MaxPool, Flatten, Linear, Dropout, Identity, Normalize, and a nested Sequential.
+    The model is returned in eval mode.
 
     Example:
         >>> model, shape = random_model(0)
         >>> model(torch.rand(3, *shape)).shape
         torch.Size([3, 5])
     """
-    gen = torch.Generator().manual_seed(seed)
+    # The layers initialise their weights from the global generator: a fork of it seeded here.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _random_model(torch.Generator().manual_seed(seed), in_channels, size, num_classes, conv_blocks,
+                             linear_blocks, allow_pool, allow_batchnorm, nest)
+
+
+def _random_model(gen: torch.Generator, in_channels: int, size: int, num_classes: int, conv_blocks: int,
+                  linear_blocks: int, allow_pool: bool, allow_batchnorm: bool,
+                  nest: bool) -> Tuple[nn.Sequential, Tuple[int, ...]]:
     pick = lambda n: int(torch.randint(n, (1,), generator=gen))  # noqa: E731
     layers: List[nn.Module] = []
     if pick(2):

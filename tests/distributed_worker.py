@@ -6,10 +6,9 @@ import sys
 import torch
 
 from pyibp import distributed
-from pyibp.certified_training import certified_train_epoch
 from pyibp.data import mnist5k
 from pyibp.models import tutorial_cnn
-from pyibp.schedules import LinearRamp
+from pyibp.training import IBP, LinearRamp, train_epoch
 
 
 def main(out_path: str) -> None:
@@ -24,9 +23,8 @@ def main(out_path: str) -> None:
     step, history = 0, []
     for epoch in range(2):
         loader.set_epoch(epoch)
-        metrics, step = certified_train_epoch(model, loader, opt, eps_schedule=LinearRamp(0.0, 0.1, 0, 16),
-                                              kappa_schedule=LinearRamp(1.0, 0.5, 0, 16), step_offset=step,
-                                              quiet=True)
+        method = IBP(LinearRamp(0.0, 0.1, 0, 16), LinearRamp(1.0, 0.5, 0, 16))
+        metrics, step = train_epoch(model, method, loader, opt, step=step, quiet=True)
         history.append(distributed.reduce_metrics(metrics, ctx))
     if ctx.is_main:
         params = torch.cat([p.detach().flatten() for p in distributed.unwrap(model).parameters()])

@@ -137,7 +137,7 @@ def _attack(model, x, y, eps, rows, steps=30):
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_methods_are_ordered_and_sound(kind):
-    model, shape = MODELS[kind](3)
+    model, shape = MODELS[kind](8)
     torch.manual_seed(0)
     x, y, eps = torch.rand((6,) + shape), torch.randint(0, 5, (6,)), 0.03
     bounds = {m: pyibp.margin_bounds(model, x, y, eps, method=m) for m in METHODS}

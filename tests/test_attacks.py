@@ -13,8 +13,9 @@ from pyibp import ops
 from pyibp.attacks import FGSM, PGD, attack_loss, fgsm, pgd
 from pyibp.data import DatasetNotFoundError, load_dataset, loader, mnist5k, stratified_split
 from pyibp.reference import pgd_l2_step_ref, pgd_linf_step_ref
-from pyibp.train import (adversarial_train_epoch, cyclic_lr, eval_mode, evaluate, fgsm_train_epoch,
-                         train_epoch)
+from pyibp.evaluation import evaluate
+from pyibp.models import eval_mode
+from pyibp.training import FGSMTraining, PGDTraining, Standard, cyclic_lr, train_epoch
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -345,7 +346,7 @@ def trained(mnist):
     train, test = mnist
     model = mlp(784, 10, hidden=64, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train_epoch(model, loader(train, 100, shuffle=True, seed=0), opt, quiet=True)
+    train_epoch(model, Standard(), loader(train, 100, shuffle=True, seed=0), opt, quiet=True)
     x, y = test.tensors[0][:500], test.tensors[1][:500]
     return model.eval(), x, y
 
@@ -422,9 +423,6 @@ def _bad_cases():
         "PGD eps": (lambda: PGD(model, -1.0, 0.1, 2), "eps must be a finite value >= 0"),
         "PGD alpha": (lambda: PGD(model, 0.1, 0.0, 2), "alpha"),
         "PGD steps": (lambda: PGD(model, 0.1, 0.1, 0), "steps"),
-        "evaluate attack": (lambda: evaluate(model, [(x, y)], attack="cw"), "attack must be"),
-        "evaluate alpha": (lambda: evaluate(model, [(x, y)], attack="pgd", eps=0.1, steps=3), "needs alpha"),
-        "evaluate steps": (lambda: evaluate(model, [(x, y)], attack="pgd", eps=0.1, alpha=0.1), "steps=None"),
         "dataset": (lambda: load_dataset("svhn"), "name must be one of"),
         "loader": (lambda: loader(mnist5k()[1], 0), "batch_size"),
         "cyclic": (lambda: cyclic_lr(torch.optim.SGD(model.parameters(), 0.1), 0), "total_steps"),
@@ -502,20 +500,19 @@ def train_mnist_mlp(train, kind, epochs=2):
     model = mlp(784, 10, hidden=128, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.2 if kind == "fgsm" else 0.1, momentum=0.9)
     sched = cyclic_lr(opt, total_steps=epochs * 40) if kind == "fgsm" else None
-    stats = []
+    method = {"standard": Standard(), "pgd": PGDTraining(eps=0.1, alpha=0.02, steps=7),
+              "fgsm": FGSMTraining(eps=0.1)}[kind]
+    stats, step = [], 0
     for epoch in range(epochs):
-        batches = loader(train, 100, shuffle=True, seed=epoch)
-        if kind == "standard":
-            stats.append(train_epoch(model, batches, opt, quiet=True))
-        elif kind == "pgd":
-            stats.append(adversarial_train_epoch(model, batches, opt, eps=0.1, alpha=0.02, steps=7, quiet=True))
-        else:
-            stats.append(fgsm_train_epoch(model, batches, opt, eps=0.1, scheduler=sched, quiet=True))
+        metrics, step = train_epoch(model, method, loader(train, 100, shuffle=True, seed=epoch), opt, step=step,
+                                    scheduler=sched, quiet=True)
+        stats.append(metrics)
     return model, stats
 
 
 def pgd_evaluation(model, test):
-    return evaluate(model, loader(test, 1000), attack="pgd", eps=0.1, alpha=0.01, steps=20, quiet=True)
+    return evaluate(model, loader(test, 1000), attack=PGD(model, 0.1, alpha=0.01, steps=20, random_start=False),
+                    quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -563,7 +560,7 @@ def test_evaluate_restores_modes_and_reports_per_example(trained):
     model[2].eval()
     modes = [m.training for m in model.modules()]
     batches = [(x[:200], y[:200]), (x[200:300], y[200:300])]
-    out = evaluate(model, batches, attack="fgsm", eps=0.1, return_correct=True, quiet=True)
+    out = evaluate(model, batches, attack=FGSM(model, 0.1), return_correct=True, quiet=True)
     assert [m.training for m in model.modules()] == modes
     model.eval()
     with torch.no_grad():
@@ -573,6 +570,8 @@ def test_evaluate_restores_modes_and_reports_per_example(trained):
     assert (out["adv_correct"] <= out["correct"]).all() and out["adv_error"] > out["error"]
     plain = evaluate(model, batches, quiet=True)
     assert "adv_error" not in plain and plain["error"] == out["error"]
+    with pytest.raises(TypeError, match=r"attack must be a callable attack\(x, y\) -> x_adv .* got 'fgsm'"):
+        evaluate(model, batches, attack="fgsm")
     with eval_mode(model):
         assert not any(m.training for m in model.modules())
 

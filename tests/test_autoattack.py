@@ -15,9 +15,9 @@ from pyibp.attacks import apgd, apgd_checkpoints, attack_loss, autoattack, fab, 
 from pyibp.attacks.apgd import run_apgd
 from pyibp.attacks.common import Evaluator, check_inputs, untouched
 from pyibp.attacks.fab import run_fab
-from pyibp.certified_training import ibp_loss
 from pyibp.data import mnist5k
 from pyibp.reference import apgd_step_ref
+from pyibp.training import ibp_loss
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

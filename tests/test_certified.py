@@ -10,12 +10,12 @@ from torch import nn
 
 import pyibp
 from pyibp.attacks import pgd
-from pyibp.certified_training import certified_train_epoch, ibp_init, ibp_loss, shi_regularizer
-from pyibp.certify import robustness_report, verify
+from pyibp.evaluation import robustness_report, verify
 from pyibp.bounds.crown import margin_pass
 from pyibp.data import loader, mnist5k
 from pyibp.models import cnn7, resnet_small
-from pyibp.schedules import Constant, LinearRamp, SmoothRamp, StepList, as_schedule
+from pyibp.training import (CROWNIBP, IBP, Constant, LinearRamp, SmoothRamp, StepList, as_schedule, ibp_init, ibp_loss,
+                            shi_regularizer, train_epoch)
 from pyibp.testing import random_model
 
 EPS = 0.1
@@ -112,13 +112,13 @@ def test_a_training_step_is_one_optimizer_step_on_ibp_loss(kappa):
     with torch.no_grad():
         error_before = float((model(x).argmax(1) != y).float().mean())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    metrics, _ = certified_train_epoch(model, [(x, y)], opt, eps_schedule=EPS, kappa_schedule=kappa, quiet=True)
+    metrics, _ = train_epoch(model, IBP(EPS, kappa), [(x, y)], opt, quiet=True)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     ibp_loss(reference, x, y, EPS, kappa).backward()
     ref_opt.step()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
-    assert metrics["clean_error"] == pytest.approx(error_before)
+    assert metrics["error"] == pytest.approx(error_before)
 
 
 def test_ibp_init_takes_models_with_batchnorm_and_residual_blocks_in_training_mode():
@@ -211,12 +211,11 @@ def test_epoch_counts_steps_follows_schedules_and_steps_the_lr(data):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     batches = loader(_subset(train, 1000), 100)  # 10 steps
     eps = LinearRamp(0.0, 0.2, begin_step=0, ramp_steps=100)
-    metrics, step = certified_train_epoch(model, batches, opt, eps_schedule=eps, kappa_schedule=0.5,
-                                          step_offset=30, scheduler=sched, quiet=True)
+    metrics, step = train_epoch(model, IBP(eps, 0.5), batches, opt, step=30, scheduler=sched, quiet=True)
     assert step == 40 and metrics["steps"] == 10 and metrics["examples"] == 1000
     assert metrics["eps"] == eps(39) and metrics["kappa"] == 0.5
     assert metrics["lr"] == pytest.approx(0.1 * 0.5 ** 2)
-    assert 0 <= metrics["clean_error"] <= metrics["verified_error"] <= 1
+    assert 0 <= metrics["error"] <= metrics["verified_error"] <= 1
     assert all(math.isfinite(metrics[k]) for k in ("loss", "robust_loss", "seconds"))
 
 
@@ -226,8 +225,7 @@ def test_gradient_clipping_bounds_the_update(data):
     model = mlp()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    certified_train_epoch(model, loader(_subset(train, 50), 50), opt, eps_schedule=0.1, kappa_schedule=0.5,
-                          grad_clip=1e-3, quiet=True)
+    train_epoch(model, IBP(0.1, 0.5), loader(_subset(train, 50), 50), opt, grad_clip=1e-3, quiet=True)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert 0 < float((after - before).norm()) <= 1e-3 * (1 + 1e-5)
 
@@ -243,39 +241,37 @@ def test_crown_ibp_training_with_beta_ramp_and_regularisers_runs_and_learns(data
     beta = LinearRamp(1.0, 0.0, begin_step=0, ramp_steps=30)
     step, history = 0, []
     for _ in range(3):
-        metrics, step = certified_train_epoch(model, batches, opt, eps_schedule=eps, kappa_schedule=0.5,
-                                              beta_schedule=beta, method="crown-ibp", loss_fusion=loss_fusion,
-                                              step_offset=step, reg_tightness=0.5, reg_relu=0.5, grad_clip=10.0,
-                                              quiet=True)
+        method = CROWNIBP(eps, 0.5, beta=beta, loss_fusion=loss_fusion, reg_tightness=0.5, reg_relu=0.5)
+        metrics, step = train_epoch(model, method, batches, opt, step=step, grad_clip=10.0, quiet=True)
         history.append(metrics)
     assert [m["beta"] for m in history] == [beta(9), beta(19), beta(29)]
     assert all(math.isfinite(m["loss"]) for m in history)
-    assert history[-1]["clean_error"] < 0.5
+    assert history[-1]["error"] < 0.5
 
 
 def test_regularisers_need_a_schedule_with_a_final_value(data):
     train, _ = data
-    with pytest.raises(ValueError, match="eps_schedule needs a `final` attribute"):
-        certified_train_epoch(mlp(), loader(_subset(train, 10), 10), torch.optim.SGD(mlp().parameters(), 0.1),
-                              eps_schedule=lambda t: 0.1, kappa_schedule=0.5, reg_tightness=0.5, quiet=True)
+    with pytest.raises(ValueError, match="eps needs a `final` attribute"):
+        IBP(lambda t: 0.1, 0.5, reg_tightness=0.5)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(method="crown"), r"method must be one of \('ibp', 'crown-ibp', 'mtl-ibp', 'cc-ibp', 'sabr'\), got 'crown'"),
-    (dict(kappa_schedule=1.5), r"kappa must lie in \[0, 1\], got 1.5"),
-    (dict(grad_clip=0.0), r"grad_clip must be > 0 or None, got 0.0"),
-    (dict(step_offset=-1), r"step_offset must be >= 0, got -1"),
-    (dict(loss_fusion=True), r"loss_fusion applies to method='crown-ibp' only, got method='ibp'"),
-    (dict(bn_stats="batches"), r"bn_stats must be one of \('batch', 'running'\), got 'batches'"),
+@pytest.mark.parametrize("method,kwargs,message", [
+    (IBP(0.1, 1.5), {}, r"kappa must lie in \[0, 1\], got 1.5"),
+    (IBP(0.1, 0.5), dict(grad_clip=0.0), r"grad_clip must be > 0 or None, got 0.0"),
+    (IBP(0.1, 0.5), dict(step=-1), r"step must be >= 0, got -1"),
+    (lambda: IBP(0.1, 0.5, bn_stats="batches"), {}, r"bn_stats must be one of \('batch', 'running'\), got 'batches'"),
+    (lambda: ibp_loss(mlp(), torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), 0.1, 0.5, loss_fusion=True),
+     {}, r"loss_fusion applies to the CROWN-IBP bound only, got method='ibp'"),
+    (lambda: ibp_loss(mlp(), torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), 0.1, 0.5, method="crown"),
+     {}, r"method must be one of \('ibp', 'crown-ibp'\)"),
 ])
-def test_training_errors_name_the_value(data, kwargs, message):
+def test_training_errors_name_the_value(data, method, kwargs, message):
     train, _ = data
     model = mlp()
-    args = dict(eps_schedule=0.1, kappa_schedule=0.5, quiet=True)
-    args.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        certified_train_epoch(model, loader(_subset(train, 10), 10), torch.optim.SGD(model.parameters(), 0.1),
-                              **args)
+        method = method() if callable(method) else method
+        train_epoch(model, method, loader(_subset(train, 10), 10), torch.optim.SGD(model.parameters(), 0.1),
+                    quiet=True, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,12 +288,11 @@ def trained(data):
     kappa = LinearRamp(1.0, 0.5, begin_step=40, ramp_steps=160)
     step = 0
     for _ in range(8):
-        _, step = certified_train_epoch(certified, batches, opt, eps_schedule=eps, kappa_schedule=kappa,
-                                        step_offset=step, grad_clip=10.0, quiet=True)
+        _, step = train_epoch(certified, IBP(eps, kappa), batches, opt, step=step, grad_clip=10.0, quiet=True)
     standard = small_cnn()
     opt = torch.optim.Adam(standard.parameters(), lr=1e-3)
     for _ in range(3):  # eps = 0, kappa = 1: plain cross-entropy training
-        certified_train_epoch(standard, batches, opt, eps_schedule=0.0, kappa_schedule=1.0, quiet=True)
+        train_epoch(standard, IBP(0.0, 1.0), batches, opt, quiet=True)
     return certified.eval(), standard.eval()
 
 
@@ -381,7 +376,8 @@ def test_verify_float64_and_zero_eps():
 
 @pytest.mark.parametrize("call,message", [
     (lambda m, d: verify(m, d, -0.1), r"eps must be a finite value >= 0, got -0.1"),
-    (lambda m, d: verify(m, d, 0.1, method="lp"), r"method must be one of \('ibp', 'crown-ibp'\), got 'lp'"),
+    (lambda m, d: verify(m, d, 0.1, method="lp"),
+     r"method must be one of \('ibp', 'crown-ibp', 'crown', 'alpha-crown'\), got 'lp'"),
     (lambda m, d: robustness_report(m, d, 0.1, methods=()), r"methods must name at least one"),
     (lambda m, d: verify(m, (d[0], d[1][:3]), 0.1), r"x and y must hold the same number of examples, got 4 and 3"),
 ])
@@ -451,10 +447,9 @@ def test_training_with_batch_statistics_needs_no_running_statistics_and_learns(d
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     history, step = [], 0
     for _ in range(3):
-        metrics, step = certified_train_epoch(model, loader(small, 100, shuffle=True), opt, eps_schedule=0.01,
-                                              kappa_schedule=0.0, step_offset=step, quiet=True)
+        metrics, step = train_epoch(model, IBP(0.01, 0.0), loader(small, 100, shuffle=True), opt, step=step,
+                                    quiet=True)
         history.append(metrics)
     assert history[-1]["robust_loss"] < history[0]["robust_loss"]
     with pytest.raises(ValueError, match="track_running_stats=False"):
-        certified_train_epoch(model, loader(small, 100), opt, eps_schedule=0.01, kappa_schedule=0.0,
-                              bn_stats="running", quiet=True)
+        train_epoch(model, IBP(0.01, 0.0, bn_stats="running"), loader(small, 100), opt, quiet=True)

@@ -200,7 +200,7 @@ def test_reproduce_prints_the_tutorials_tables(tmp_path):
     proc = pyibp(*args)
     for text in ("published (tutorial, MNIST)", "tutorial recipe (mnist-5k, 20 test images)", "0.85", "2.83",
                  "5.15", "9.67", "PGD-40, random start, 2 restarts", "AutoAttack (standard), first 5 images",
-                 "CROWN-IBP-verified"):
+                 "PGD-40, α = ε/10, first 5 images (AutoAttack's)", "CROWN-IBP-verified"):
         assert text in proc.stdout, text
     report = json.loads((out / "reproduce.json").read_text())
     assert set(report["runs"]) == {"standard", "pgd", "certified", "tutorial-standard", "tutorial-pgd",
@@ -210,6 +210,7 @@ def test_reproduce_prints_the_tutorials_tables(tmp_path):
         r = entry["results"]
         attacked = max(r["fgsm"], r["pgd40"], r["pgd40_small"], r["pgd40_random"])
         assert 0 <= r["clean"] <= min(r["fgsm"], r["pgd40"]) and attacked <= r["crown-ibp"] <= r["ibp"] <= 1, name
+        assert 0 <= r["pgd40_autoattack_examples"] <= 1 and 0 <= r["autoattack"] <= 1, name   # like with like
     # The runs exist now: without --resume or --overwrite they are not touched.
     again = pyibp(*args, check=False)
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
@@ -319,7 +320,7 @@ def test_recipe_defaults_and_configs_written_before_an_option_existed():
     assert TrainConfig.for_method("crown-ibp").loss_fusion
     assert not TrainConfig.for_method("ibp").loss_fusion
     assert TrainConfig.for_method("ibp").bn_stats == "batch"
-    with pytest.raises(ValueError, match="loss_fusion must be False unless method is 'crown-ibp'"):
+    with pytest.raises(ValueError, match=r"loss_fusion must be False unless the method reads it \(method 'ibp'"):
         TrainConfig.for_method("ibp", loss_fusion=True)
     old = TrainConfig.for_method("crown-ibp").to_json()
     del old["loss_fusion"], old["bn_stats"]

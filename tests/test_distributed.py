@@ -36,7 +36,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert one["steps"] == two["steps"] == 16
     for a, b in zip(one["history"], two["history"]):
         assert a["examples"] == b["examples"] == 400
-        for key in ("loss", "clean_error", "verified_error"):
+        for key in ("loss", "error", "verified_error"):
             assert b[key] == pytest.approx(a[key], abs=2e-3), key
     assert two["param_norm"] == pytest.approx(one["param_norm"], rel=1e-4)
     assert one["history"][-1]["loss"] < one["history"][0]["loss"]  # it trained

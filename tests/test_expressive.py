@@ -8,13 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyibp
-from pyibp.certified_training import certified_train_epoch, ibp_loss
 from pyibp.cli import train as train_cli
 from pyibp.cli.main import _explicit_options, _subparser, build_parser, main
 from pyibp.data import loader, mnist5k
-from pyibp.expressive_losses import (EXPRESSIVE_METHODS, adversarial_point, expressive_loss, expressive_robust_ce,
-                                     sabr_box)
+from pyibp.evaluation import verify
 from pyibp.runs import PRESETS, TrainConfig, read_metrics, train
+from pyibp.training import CCIBP, MTLIBP, SABR, adversarial_point, ibp_loss, sabr_box, train_epoch
+
+EXPRESSIVE = {"mtl-ibp": MTLIBP, "cc-ibp": CCIBP, "sabr": SABR}
 
 EPS = 0.1
 
@@ -31,20 +32,23 @@ def batch():
     return x[:32], y[:32]
 
 
-@pytest.mark.parametrize("method", ["mtl-ibp", "cc-ibp"])
+@pytest.mark.parametrize("method", [MTLIBP, CCIBP])
 def test_alpha_one_is_the_ibp_loss_and_alpha_zero_the_adversarial_loss(method, batch):
     torch.manual_seed(0)
     model, (x, y) = mlp().eval(), batch
     x_adv = adversarial_point(model, x, y, EPS, generator=torch.Generator().manual_seed(0))
-    ibp = expressive_robust_ce(model, x, y, x_adv, EPS, method=method, alpha=1.0).robust.mean()
-    torch.testing.assert_close(ibp, ibp_loss(model, x, y, EPS, 0.0))
-    adv = expressive_robust_ce(model, x, y, x_adv, EPS, method=method, alpha=0.0).robust
+
+    def robust(alpha):
+        return method(EPS, alpha=alpha).robust_term(model, x, y, x_adv, EPS).robust
+
+    torch.testing.assert_close(robust(1.0).mean(), ibp_loss(model, x, y, EPS, 0.0))
+    adv = robust(0.0)
     torch.testing.assert_close(adv, F.cross_entropy(model(x_adv), y, reduction="none"))
     # In between: MTL-IBP is the mix of the two losses; CC-IBP's CE of mixed logits lies below it
     # (CE is convex in the logits).
-    mid = expressive_robust_ce(model, x, y, x_adv, EPS, method=method, alpha=0.3).robust
-    mix = 0.3 * expressive_robust_ce(model, x, y, x_adv, EPS, method=method, alpha=1.0).robust + 0.7 * adv
-    if method == "mtl-ibp":
+    mid = robust(0.3)
+    mix = 0.3 * robust(1.0) + 0.7 * adv
+    if method is MTLIBP:
         torch.testing.assert_close(mid, mix)
     else:
         assert bool((mid <= mix + 1e-5).all()) and bool((mid >= adv - 1e-5).all())
@@ -90,18 +94,18 @@ def test_sabr_at_lambda_one_is_ibp(batch):
     torch.manual_seed(0)
     model, (x, y) = mlp().eval(), batch
     x_adv = adversarial_point(model, x, y, EPS)
-    sabr = expressive_robust_ce(model, x, y, x_adv, EPS, method="sabr", lam=1.0).robust.mean()
+    sabr = SABR(EPS, lam=1.0).robust_term(model, x, y, x_adv, EPS).robust.mean()
     torch.testing.assert_close(sabr, ibp_loss(model, x, y, EPS, 0.0))
-    small = expressive_robust_ce(model, x, y, x_adv, EPS, method="sabr", lam=0.2).robust.mean()
+    small = SABR(EPS, lam=0.2).robust_term(model, x, y, x_adv, EPS).robust.mean()
     assert small < sabr   # a smaller box: a smaller worst case
 
 
-@pytest.mark.parametrize("method", EXPRESSIVE_METHODS)
+@pytest.mark.parametrize("method", EXPRESSIVE.values())
 def test_gradients_are_finite_and_reach_every_parameter(method, batch):
     torch.manual_seed(0)
     model, (x, y) = pyibp.models.tutorial_cnn(), batch
     model.train()
-    loss = expressive_loss(model, x, y, EPS, method=method, alpha=0.5, lam=0.4, attack_steps=2, step_scale=0.5)
+    loss = method(EPS, 0.0, attack_steps=2, attack_step_scale=0.5).loss(model, x, y, 0).objective
     loss.backward()
     assert torch.isfinite(loss) and model.training
     for name, p in model.named_parameters():
@@ -110,22 +114,21 @@ def test_gradients_are_finite_and_reach_every_parameter(method, batch):
 
 def test_bad_options_are_named(batch):
     model, (x, y) = mlp(), batch
-    with pytest.raises(ValueError, match="method must be one of"):
-        expressive_loss(model, x, y, EPS, method="ibp")
     with pytest.raises(ValueError, match="alpha must lie in"):
-        expressive_loss(model, x, y, EPS, method="mtl-ibp", alpha=1.5)
+        MTLIBP(EPS, alpha=1.5)
     with pytest.raises(ValueError, match="lam must lie in"):
         sabr_box(x, x, EPS, -0.1)
-    with pytest.raises(ValueError, match="expressive_loss"):
+    with pytest.raises(ValueError, match="pyibp.training.expressive"):
         ibp_loss(model, x, y, EPS, 0.0, method="mtl-ibp")
     with pytest.raises(ValueError, match="expressive_alpha"):
         TrainConfig.for_method("cc-ibp", expressive_alpha=2.0)
     with pytest.raises(ValueError, match="attack_step_scale"):
-        certified_train_epoch(model, [(x, y)], torch.optim.Adam(model.parameters()), eps_schedule=EPS,
-                              kappa_schedule=0.0, method="sabr", attack_step_scale=0.0)
+        SABR(EPS, attack_step_scale=0.0)
+    with pytest.raises(ValueError, match="attack_steps"):
+        CCIBP(EPS, attack_steps=0)
 
 
-@pytest.mark.parametrize("method", EXPRESSIVE_METHODS)
+@pytest.mark.parametrize("method", EXPRESSIVE.values())
 def test_each_method_trains_a_small_model_below_chance(method):
     torch.manual_seed(0)
     train_set, _ = mnist5k()
@@ -134,13 +137,11 @@ def test_each_method_trains_a_small_model_below_chance(method):
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     step = 0
     for epoch in range(3):
-        metrics, step = certified_train_epoch(model, loader(data, 50, shuffle=True, seed=epoch), opt,
-                                              eps_schedule=0.05, kappa_schedule=0.0, method=method,
-                                              expressive_alpha=0.5, sabr_lambda=0.4, attack_steps=1,
-                                              step_offset=step, generator=torch.Generator().manual_seed(epoch),
-                                              quiet=True)
-    assert step == 24 and metrics["clean_error"] < 0.5 and metrics["verified_error"] <= 1.0
-    result = pyibp.certify.verify(model.eval(), loader(data, 200), 0.05, quiet=True)
+        batches = loader(data, 50, shuffle=True, seed=epoch)
+        metrics, step = train_epoch(model, method(0.05, 0.0, attack_steps=1), batches, opt, step=step,
+                                    generator=torch.Generator().manual_seed(epoch), quiet=True)
+    assert step == 24 and metrics["error"] < 0.5 and metrics["verified_error"] <= 1.0
+    result = verify(model.eval(), loader(data, 200), 0.05, quiet=True)
     assert result.clean_error < 0.5
 
 
@@ -157,7 +158,7 @@ def _stop_after_first_epoch(line: str) -> None:
         raise Interrupt
 
 
-@pytest.mark.parametrize("method", EXPRESSIVE_METHODS)
+@pytest.mark.parametrize("method", ["sabr"])
 def test_config_records_the_options_and_an_interrupted_run_resumes_to_the_same_result(method, tmp_path):
     torch.set_num_threads(1)
     config = TrainConfig.for_method(method, expressive_alpha=0.3, sabr_lambda=0.6, attack_steps=2, **TINY)
@@ -205,4 +206,4 @@ def test_train_help_lists_the_methods_and_presets(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert all(m in out for m in EXPRESSIVE_METHODS) and "sabr-cifar10-8" in out and "expressive-alpha" in out
+    assert all(m in out for m in EXPRESSIVE) and "sabr-cifar10-8" in out and "expressive-alpha" in out

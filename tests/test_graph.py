@@ -210,14 +210,12 @@ def test_pre_activations_list_every_relu_of_the_graph_in_order():
 
 
 def test_certified_training_step_on_a_graph_with_batch_statistics():
-    from pyibp.certified_training import certified_train_epoch
-    from pyibp.schedules import LinearRamp
+    from pyibp.training import CROWNIBP, LinearRamp, train_epoch
     model = ResidualNet()
     x, y = torch.rand(8, 3, 12, 12), torch.randint(0, 10, (8,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    metrics, _ = certified_train_epoch(model, [(x, y)], opt, eps_schedule=LinearRamp(0.0, 0.02, 0, 4),
-                                       kappa_schedule=0.5, method="crown-ibp", reg_tightness=0.5, reg_relu=0.5,
-                                       quiet=True)
+    method = CROWNIBP(LinearRamp(0.0, 0.02, 0, 4), 0.5, reg_tightness=0.5, reg_relu=0.5)
+    metrics, _ = train_epoch(model, method, [(x, y)], opt, quiet=True)
     assert all(torch.isfinite(torch.tensor(float(metrics[k]))) for k in ("loss", "robust_loss"))
     assert all(p.grad is not None for p in model.parameters())
 
@@ -445,7 +443,7 @@ def test_every_form_of_every_op_matches_the_reference_and_crown_is_sound():
 
 
 def test_verify_and_robustness_report_on_a_graph():
-    from pyibp.certify import robustness_report, verify
+    from pyibp.evaluation import robustness_report, verify
     model = _build("residual", torch.float32)
     x, y = _data("residual", batch=6, dtype=torch.float32)
     result = verify(model, [(x, y)], 0.001, method="crown-ibp")

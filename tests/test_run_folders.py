@@ -22,8 +22,8 @@ import torch
 
 from cli_support import ENV, REPO, run_main
 from pyibp.cli import main
-from pyibp.runs import (LOCK, ScheduleWarning, TrainConfig, eps_schedules, eps_shortfall, files, plot_curves,
-                        read_metrics)
+from pyibp.runs import LOCK, TrainConfig, files, plot_curves, read_metrics
+from pyibp.training.schedules import ScheduleWarning, eps_schedules, eps_shortfall
 
 TINY = ["--method", "ibp", "--epochs", "1", "--train-subset", "100", "--test-subset", "50", "--batch-size", "50",
         "--eval-pgd-steps", "2", "--eval-pgd-subset", "50", "--device", "cpu", "--seed", "1", "--quiet"]

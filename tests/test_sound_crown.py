@@ -111,7 +111,7 @@ def test_random_architectures_sound_crown_contains_unsound_and_float64(seed, eps
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.rand(2, *shape, generator=gen), torch.randint(0, 5, (2,), generator=gen)
     sound = _crown(model, x, y, eps, sound=True)
-    assert (sound <= _crown(model, x, y, eps)).all()
+    # Guaranteed: below the (nearly exact) float64 bound. The float32 one may round below the sound one.
     assert (sound.double() <= _crown(model.double(), x.double(), y, eps)).all()
     assert (sound >= pyibp.margin_bounds(model.float(), x, y, eps, sound=True)).all()   # never looser than sound IBP
     with torch.no_grad():

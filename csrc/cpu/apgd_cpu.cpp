@@ -2,7 +2,6 @@
 // the momentum step and the final exact projection in one pass for l-inf; for l2 three passes
 // around the per-example norms of the gradient, of the projected step and of the combination.
 // The per-element formulas are in csrc/math/apgd.h, shared with the CUDA twin.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,13 +10,11 @@
 
 #include "apgd_common.h"
 #include "cpu/loops.h"
+#include "dispatch.h"
 #include "math/apgd.h"
 
 namespace pyibp {
 namespace {
-
-#define PYIBP_DISPATCH_APGD(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
 
 void apgd_linf_step_cpu(at::Tensor& delta, at::Tensor& previous, const at::Tensor& grad_in, const at::Tensor& x_in,
                         const at::Tensor& eps_in, const at::Tensor& step_in, double momentum,
@@ -29,7 +26,7 @@ void apgd_linf_step_cpu(at::Tensor& delta, at::Tensor& previous, const at::Tenso
   const int64_t per = per_example(delta);
   in_place(delta, [&](at::Tensor& d) {
     in_place(previous, [&](at::Tensor& prev) {
-      PYIBP_DISPATCH_APGD(d.scalar_type(), "pyibp_apgd_linf_step_cpu", [&] {
+      PYIBP_DISPATCH(d.scalar_type(), "pyibp_apgd_linf_step_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* __restrict__ dp = d.data_ptr<scalar_t>();
         scalar_t* __restrict__ pp = prev.data_ptr<scalar_t>();
@@ -73,7 +70,7 @@ void apgd_l2_step_cpu(at::Tensor& delta, at::Tensor& previous, const at::Tensor&
   at::Tensor work = at::empty(delta.sizes(), delta.options().dtype(at::kDouble));
   in_place(delta, [&](at::Tensor& d) {
     in_place(previous, [&](at::Tensor& prev) {
-      PYIBP_DISPATCH_APGD(d.scalar_type(), "pyibp_apgd_l2_step_cpu", [&] {
+      PYIBP_DISPATCH(d.scalar_type(), "pyibp_apgd_l2_step_cpu", [&] {
         scalar_t* __restrict__ dp = d.data_ptr<scalar_t>();
         scalar_t* __restrict__ pp = prev.data_ptr<scalar_t>();
         const scalar_t* __restrict__ gp = grad.data_ptr<scalar_t>();

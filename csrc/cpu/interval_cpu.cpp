@@ -2,7 +2,6 @@
 // written as plain restrict-qualified loops that the compiler vectorises. The per-element
 // formulas are those of the CUDA kernels (csrc/math/*.h); half and bfloat16 are computed in float
 // and stored back, as on CUDA.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,6 +11,7 @@
 #include <vector>
 
 #include "cpu/loops.h"
+#include "dispatch.h"
 #include "interval_products.h"
 #include "math/box.h"
 #include "math/elision.h"
@@ -20,9 +20,6 @@
 
 namespace pyibp {
 namespace {
-
-#define PYIBP_DISPATCH(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
 
 template <typename T>
 using opmath_t = at::opmath_type<T>;

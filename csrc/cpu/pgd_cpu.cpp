@@ -1,7 +1,6 @@
 // CPU kernels of the fused PGD updates. The l-inf step is one pass over memory; the l2 step
 // needs the per-example norms of the gradient and of the stepped delta, so it is a pass, a
 // norm, and a pass.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,13 +10,11 @@
 #include <limits>
 
 #include "cpu/loops.h"
+#include "dispatch.h"
 #include "pgd_common.h"
 
 namespace pyibp {
 namespace {
-
-#define PYIBP_DISPATCH(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
 
 // Impossible inputs (x outside the domain, eps < 0 or NaN) admit no delta: a clear error, raised
 // after the pass (the kernel itself leaves such elements at 0 and carries on).

@@ -1,6 +1,5 @@
 // CUDA kernels of the fused APGD updates, the same operators and passes as csrc/cpu/apgd_cpu.cpp,
 // over the per-element formulas of csrc/math/apgd.h.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -8,14 +7,12 @@
 #include <limits>
 
 #include "apgd_common.h"
-#include "math/apgd.h"
 #include "cuda/pointwise.cuh"
+#include "dispatch.h"
+#include "math/apgd.h"
 
 namespace pyibp {
 namespace {
-
-#define PYIBP_DISPATCH_APGD(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
 
 at::Tensor per_example_doubles(const at::Tensor& p, const at::Tensor& like) {
   return p.to(like.device(), at::kDouble).contiguous();
@@ -34,7 +31,7 @@ void apgd_linf_step_cuda(at::Tensor& delta, at::Tensor& previous, const at::Tens
   const bool shared_lo = lower.numel() == 1, shared_hi = upper.numel() == 1;
   in_place(delta, [&](at::Tensor& d) {
     in_place(previous, [&](at::Tensor& prev) {
-      PYIBP_DISPATCH_APGD(d.scalar_type(), "pyibp_apgd_linf_step_cuda", [&] {
+      PYIBP_DISPATCH(d.scalar_type(), "pyibp_apgd_linf_step_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* dp = d.data_ptr<scalar_t>();
         scalar_t* pp = prev.data_ptr<scalar_t>();
@@ -79,7 +76,7 @@ void apgd_l2_step_cuda(at::Tensor& delta, at::Tensor& previous, const at::Tensor
   at::Tensor work = at::empty(delta.sizes(), delta.options().dtype(at::kDouble));
   in_place(delta, [&](at::Tensor& d) {
     in_place(previous, [&](at::Tensor& prev) {
-      PYIBP_DISPATCH_APGD(d.scalar_type(), "pyibp_apgd_l2_step_cuda", [&] {
+      PYIBP_DISPATCH(d.scalar_type(), "pyibp_apgd_l2_step_cuda", [&] {
         scalar_t* dp = d.data_ptr<scalar_t>();
         scalar_t* pp = prev.data_ptr<scalar_t>();
         const scalar_t* gp = grad.data_ptr<scalar_t>();

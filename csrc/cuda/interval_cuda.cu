@@ -1,13 +1,13 @@
 // CUDA kernels of the interval operators, the same operators, in the same order, as
 // csrc/cpu/interval_cpu.cpp, over the same per-element formulas (csrc/math/*.h). Reduced precision
 // (half, bfloat16) is computed in float and stored back.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
 #include "cuda/pointwise.cuh"
+#include "dispatch.h"
 #include "interval_products.h"
 #include "math/box.h"
 #include "math/elision.h"
@@ -16,9 +16,6 @@
 
 namespace pyibp {
 namespace {
-
-#define PYIBP_DISPATCH(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
 
 // Stores a box computed in opmath into two outputs of the tensor's dtype.
 template <typename T, typename acc_t>

@@ -2,7 +2,6 @@
 // per-element update (csrc/math/projection.h). Impossible inputs (x outside the domain, eps < 0)
 // leave delta at 0 there: the CPU raises, but a check here would synchronise the stream, and the
 // Python API checks them before any kernel runs.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -10,13 +9,11 @@
 #include <limits>
 
 #include "cuda/pointwise.cuh"
+#include "dispatch.h"
 #include "pgd_common.h"
 
 namespace pyibp {
 namespace {
-
-#define PYIBP_DISPATCH(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, type, name, __VA_ARGS__)
 
 at::Tensor per_example_values(const at::Tensor& p, const at::Tensor& like) {
   return p.to(like.device(), at::kDouble).contiguous();

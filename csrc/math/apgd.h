@@ -9,11 +9,6 @@
 
 namespace pyibp {
 
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t clamp_between(acc_t v, acc_t lo, acc_t hi) {
-  return v > hi ? hi : (v < lo ? lo : v);
-}
-
 // The heavy-ball combination of the projected step z with the last move d - p. Momentum 1 is
 // the plain projected step: z itself, whatever p holds (the PGD steps pass scratch memory).
 template <typename acc_t>
@@ -28,10 +23,10 @@ C10_HOST_DEVICE inline T apgd_linf_update(acc_t d, acc_t p, acc_t g, T x, acc_t 
                                           acc_t hi) {
   const acc_t xi = static_cast<acc_t>(x);
   const acc_t sign = acc_t((g > acc_t(0)) - (g < acc_t(0)));
-  acc_t z = clamp_between(d + s * sign, -e, e);
-  z = clamp_between(z, lo - xi, hi - xi);
-  acc_t v = clamp_between(apgd_momentum(d, p, z, a), -e, e);
-  v = clamp_between(v, lo - xi, hi - xi);
+  acc_t z = clamp_keep_nan(d + s * sign, -e, e);
+  z = clamp_keep_nan(z, lo - xi, hi - xi);
+  acc_t v = clamp_keep_nan(apgd_momentum(d, p, z, a), -e, e);
+  v = clamp_keep_nan(v, lo - xi, hi - xi);
   return project_exact<T, acc_t>(v, x, e, lo, hi);
 }
 
@@ -40,7 +35,7 @@ C10_HOST_DEVICE inline T apgd_linf_update(acc_t d, acc_t p, acc_t g, T x, acc_t 
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t apgd_l2_combine(acc_t d, acc_t p, acc_t z_scaled, acc_t xi, acc_t a, acc_t lo,
                                              acc_t hi) {
-  return apgd_momentum(d, p, clamp_between(z_scaled, lo - xi, hi - xi), a);
+  return apgd_momentum(d, p, clamp_keep_nan(z_scaled, lo - xi, hi - xi), a);
 }
 
 // l2, last pass: v_scaled is the combination already scaled into the ball (with a few ulps to
@@ -48,7 +43,7 @@ C10_HOST_DEVICE inline acc_t apgd_l2_combine(acc_t d, acc_t p, acc_t z_scaled, a
 template <typename T, typename acc_t>
 C10_HOST_DEVICE inline T apgd_l2_finish(acc_t v_scaled, T x, acc_t lo, acc_t hi) {
   const acc_t xi = static_cast<acc_t>(x);
-  return project_exact<T, acc_t>(clamp_between(v_scaled, lo - xi, hi - xi), x,
+  return project_exact<T, acc_t>(clamp_keep_nan(v_scaled, lo - xi, hi - xi), x,
                                  static_cast<acc_t>(INFINITY), lo, hi);
 }
 

@@ -55,7 +55,7 @@ C10_HOST_DEVICE inline T project_exact(acc_t d, T x, acc_t e, acc_t lo, acc_t hi
   return T(0);
 }
 
-// min(max(v, lo), hi) that keeps NaN.
+// min(max(v, lo), hi) that keeps NaN (the PGD and APGD updates' one clamp).
 template <typename T>
 C10_HOST_DEVICE inline T clamp_keep_nan(T v, T lo, T hi) {
   v = v < lo ? lo : v;

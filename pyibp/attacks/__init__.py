@@ -1,16 +1,25 @@
 """Adversarial attacks on pyibp's fused steps.
 
-* :func:`fgsm`, :func:`pgd` (and the classes :class:`FGSM`, :class:`PGD`): gradient attacks in the
-  l∞ or l2 ball, untargeted or targeted;
+* :func:`fgsm`, :func:`pgd`: gradient attacks in the l∞ or l2 ball, untargeted or targeted;
 * :func:`apgd`: Auto-PGD (Croce & Hein 2020) on cross-entropy or DLR, untargeted or targeted
   (APGD-CE, APGD-DLR, APGD-T), its update one fused operator;
 * :func:`fab`: FAB-T, the targeted minimum-norm attack (Croce & Hein 2020);
 * :func:`square`: Square Attack (Andriushchenko et al. 2020), the score-based random search;
 * :func:`autoattack`: the AutoAttack cascade (standard, plus, rand) with a per-attack report.
 
-Every attack returns the perturbation ``delta`` (the adversarial input is ``x + delta``), with
-``|delta| <= eps`` (l∞) or ``||delta||_2 <= eps`` (l2) and ``lower <= x + delta <= upper``
-holding exactly in x's dtype, as the fused steps of :mod:`pyibp.ops` guarantee.
+The calling convention. Each attack comes twice:
+
+* a **function** ``attack(model, x, y, eps, **options) -> delta``: the perturbation (the
+  adversarial input is ``x + delta``);
+* an **attack object** configured once with its model and options — :class:`FGSM`, :class:`PGD`,
+  :class:`APGD`, :class:`FAB`, :class:`Square`, :class:`AutoAttack` — and called on a batch:
+  ``Attack(model, eps, **options)(x, y) -> x_adv`` (B, *), the adversarial inputs. This is what
+  :func:`pyibp.evaluation.evaluate` and :func:`~pyibp.evaluation.robustness_report` take, so any
+  callable ``(x, y) -> x_adv`` (:data:`Attack`), a new attack of this package or one of your
+  own, is evaluated without changes there.
+
+Either way ``|delta| <= eps`` (l∞) or ``||delta||_2 <= eps`` (l2) and ``lower <= x + delta <= upper``
+hold exactly in x's dtype, as the fused steps of :mod:`pyibp.ops` guarantee.
 
 Only the gradient with respect to ``delta`` is computed (``torch.autograd.grad``): parameters are
 switched to ``requires_grad=False`` for the duration of the attack, so the backward pass skips
@@ -29,11 +38,12 @@ Example:
 from .apgd import apgd, apgd_checkpoints
 from .autoattack import ATTACKS, VERSIONS, AttackRecord, AutoAttackResult, autoattack
 from .common import LOSSES, NORMS, attack_loss
+from .configured import APGD, FAB, Attack, AutoAttack, Square
 from .fab import fab
 from .fgsm import FGSM, fgsm
 from .pgd import PGD, pgd
 from .square import square, square_fraction
 
-__all__ = ["fgsm", "pgd", "FGSM", "PGD", "apgd", "apgd_checkpoints", "fab", "square", "square_fraction",
-           "autoattack", "AutoAttackResult", "AttackRecord", "VERSIONS", "ATTACKS", "attack_loss", "NORMS",
+__all__ = ["fgsm", "pgd", "FGSM", "PGD", "APGD", "FAB", "Square", "AutoAttack", "Attack", "apgd", "apgd_checkpoints",
+           "fab", "square", "square_fraction", "autoattack", "AutoAttackResult", "AttackRecord", "VERSIONS", "ATTACKS", "attack_loss", "NORMS",
            "LOSSES"]

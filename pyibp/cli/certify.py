@@ -41,7 +41,7 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     """Runs ``pyibp certify``; returns the exit code."""
     import torch
     from ..bounds import AlphaOptions
-    from ..certify import verify
+    from ..evaluation import verify
     from ..data import loader
     from ..runs import eval_batch_size
     device = torch_device(args.device)

@@ -38,9 +38,10 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     """Runs ``pyibp eval``; returns the exit code."""
     import torch
+    from ..attacks import FGSM, PGD
     from ..data import loader
+    from ..evaluation import evaluate
     from ..runs import eval_batch_size
-    from ..train import evaluate
     device = torch_device(args.device)
     config, model, meta = load(args.run, device)
     eps = config.eps if args.eps is None else args.eps
@@ -51,18 +52,19 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
         return _autoattack(args, out, config, model, meta, test, eps, device, "steps" in explicit)
     alpha = args.alpha if args.alpha is not None else 2.5 * eps / args.steps
     random_start = args.random_start if args.random_start is not None else args.restarts > 1
-    kwargs: Dict[str, Any] = {}
+    settings: Dict[str, Any] = {}
     if args.attack == "pgd":
-        kwargs = dict(alpha=alpha, steps=args.steps, restarts=args.restarts, random_start=random_start,
-                      generator=torch.Generator(device).manual_seed(args.seed))
+        settings = dict(alpha=alpha, steps=args.steps, restarts=args.restarts, random_start=random_start)
+        attack = PGD(model, eps, **settings, generator=torch.Generator(device).manual_seed(args.seed))
         start_kind = " random" if random_start else ""
         label = f"pgd-{args.steps} alpha={alpha:.4g} restarts={args.restarts}{start_kind} eps={eps}"
     else:
+        attack = FGSM(model, eps)
         label = f"fgsm eps={eps}"
     start = time.perf_counter()
     batches = loader(test, args.batch_size or eval_batch_size(device))
-    result = evaluate(model, batches, attack=args.attack, eps=eps, device=device, quiet=args.quiet, **kwargs)
-    entry = {"attack": args.attack, "eps": eps, **{k: v for k, v in kwargs.items() if k != "generator"},
+    result = evaluate(model, batches, attack=attack, device=device, quiet=args.quiet)
+    entry = {"attack": args.attack, "eps": eps, **settings,
              "seed": args.seed, "examples": result["examples"], "clean_error": result["error"],
              "adv_error": result["adv_error"], "epoch": meta["epoch"], "seconds": time.perf_counter() - start}
     saved = ResultFile(Path(args.run) / "eval.json")

@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional, Sequence, Set
 from . import bench, certify, export, landscape, reproduce, train, verify
 from . import eval as evaluate   # the module of `pyibp eval` (not the builtin)
 from ..distributed import launched_by_torchrun
-from ..runs import RunFolderError, ScheduleWarning
+from ..runs import RunFolderError
+from ..training import ScheduleWarning
 from .common import EXIT_USAGE, PROG, CLIError, Formatter, Output, Parser
 
 __all__ = ["main", "build_parser", "COMMANDS"]

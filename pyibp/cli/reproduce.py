@@ -22,8 +22,12 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
                 "same data. Runs go to OUT/<name>; the tables to OUT/reproduce.json.")
     p.add_argument("--quick", action="store_true", help="short budgets (about 15 minutes on 2 CPU cores)")
     p.add_argument("--tutorial-recipe", action="store_true", help="also run the tutorial's recipes as published")
-    p.add_argument("--certified-method", choices=("mtl-ibp", "ibp", "crown-ibp"), default="mtl-ibp",
-                   help="certified training method (default: mtl-ibp with its own defaults, also with --quick)")
+    from ..runs import REPRODUCE_CERTIFIED
+    from ..training import method_class, method_names
+    p.add_argument("--certified-method", choices=[m for m in method_names() if method_class(m).certified],
+                   default=REPRODUCE_CERTIFIED,
+                   help=f"certified training method (default: {REPRODUCE_CERTIFIED} with its own defaults, also with "
+                        "--quick)")
     p.add_argument("--out", default="runs/reproduce", help="folder of the runs")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue (or reuse) the runs already in OUT")
@@ -32,7 +36,7 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--restarts", type=count(1), help="restarts of randomised PGD (default: 10; 3 with --quick)")
     p.add_argument("--autoattack-examples", type=count(0),
                    help="AutoAttack (standard) on the first N test images (default: all; 100 with --quick; "
-                        "0 skips the row)")
+                        "0 skips the row); on fewer than all, PGD-40's error on the same images is shown beside it")
     p.add_argument("--epochs", type=count(1), help="epochs of every run (for smoke tests)")
     p.add_argument("--train-subset", type=count(1), help="train on this many examples (for smoke tests)")
     p.add_argument("--test-subset", type=count(1), help="evaluate on this many test examples")
@@ -50,6 +54,7 @@ PUBLISHED: Dict[str, Dict[str, str]] = {
 }
 ROWS = (("clean", "clean"), ("fgsm", "FGSM"), ("pgd40", "PGD-40, α = ε/10"),
         ("pgd40_small", "PGD-40, smaller step α = ε/40"), ("pgd40_random", "PGD-40, random start, restarts"),
+        ("pgd40_autoattack_examples", "PGD-40, α = ε/10, on AutoAttack's images"),
         ("autoattack", "AutoAttack (standard)"), ("ibp", "IBP-verified"), ("crown-ibp", "CROWN-IBP-verified"))
 MODEL_TITLES = {"standard": "standard CNN", "pgd": "PGD-trained CNN", "certified": "certified-trained CNN"}
 
@@ -72,14 +77,14 @@ TUTORIAL_RECIPES: Dict[str, Dict[str, Any]] = {
 QUICK: Dict[str, Dict[str, Any]] = {
     "standard": dict(epochs=8),
     "pgd": dict(epochs=12, attack_steps=7),
-    "certified": dict(epochs=25),      # ibp and crown-ibp; mtl-ibp keeps its defaults (30 epochs)
+    "certified": dict(epochs=25),      # ibp and crown-ibp; REPRODUCE_CERTIFIED keeps its defaults (30 epochs)
 }
 QUICK_TARGETS = (  # (model, row, bound in %) on mnist-5k at ε = 0.1: what --quick must reach
     ("certified", "ibp", 15.0), ("certified", "clean", 8.0), ("pgd", "clean", 5.0), ("pgd", "pgd40", 12.0))
 
 
 def _reproduce_configs(args: argparse.Namespace):
-    from ..runs import TrainConfig
+    from ..runs import REPRODUCE_CERTIFIED, TrainConfig
     common = dict(dataset=args.dataset, eps=args.eps, seed=args.seed, train_subset=args.train_subset,
                   test_subset=args.test_subset, eval_pgd_steps=0)  # the attacks of the table replace it
     if args.epochs is not None:
@@ -87,7 +92,7 @@ def _reproduce_configs(args: argparse.Namespace):
     methods = {"standard": "standard", "pgd": "pgd", "certified": args.certified_method}
     runs = {}
     for kind, method in methods.items():
-        budget = QUICK[kind] if args.quick and method != "mtl-ibp" else {}
+        budget = QUICK[kind] if args.quick and method != REPRODUCE_CERTIFIED else {}
         runs[kind] = ("pyibp", method, TrainConfig.for_method(method, **{**budget, **common}))
         if args.tutorial_recipe:
             recipe = dict(TUTORIAL_RECIPES[kind])
@@ -99,30 +104,33 @@ def _reproduce_configs(args: argparse.Namespace):
 
 def _evaluate_all(model, test, eps: float, restarts: int, seed: int, device, quiet: bool,
                   log: Callable[[str], None], autoattack_examples: int) -> Dict[str, float]:
-    """Every row of the tutorial's table for one model (errors as fractions)."""
+    """Every row of the tutorial's table for one model (errors as fractions). AutoAttack on fewer
+    than all test images comes with PGD-40's error on the same images (like with like)."""
     import torch
-    from ..attacks import autoattack
-    from ..certify import verify
+    from ..attacks import FGSM, PGD, autoattack
     from ..data import loader
+    from ..evaluation import evaluate, verify
     from ..runs import eval_batch_size
-    from ..train import evaluate
     batches = loader(test, eval_batch_size(device))
     attacks = {
-        "fgsm": dict(attack="fgsm"),
-        "pgd40": dict(attack="pgd", alpha=eps / 10, steps=40),
-        "pgd40_small": dict(attack="pgd", alpha=eps / 40, steps=40),
-        "pgd40_random": dict(attack="pgd", alpha=eps / 10, steps=40, restarts=restarts, random_start=True,
-                             generator=torch.Generator(device).manual_seed(seed)),
+        "fgsm": FGSM(model, eps),
+        "pgd40": PGD(model, eps, alpha=eps / 10, steps=40, random_start=False),
+        "pgd40_small": PGD(model, eps, alpha=eps / 40, steps=40, random_start=False),
+        "pgd40_random": PGD(model, eps, alpha=eps / 10, steps=40, restarts=restarts, random_start=True,
+                            generator=torch.Generator(device).manual_seed(seed)),
     }
     results: Dict[str, float] = {}
-    for key, kwargs in attacks.items():
+    n = min(autoattack_examples, len(test))
+    for key, attack in attacks.items():
         start = time.perf_counter()
-        r = evaluate(model, batches, eps=eps, device=device, quiet=quiet, **kwargs)
+        r = evaluate(model, batches, attack=attack, device=device, quiet=quiet, return_correct=key == "pgd40")
         results["clean"], results[key] = r["error"], r["adv_error"]
         log(f"  {key:<13} {100 * r['adv_error']:6.2f}%  ({time.perf_counter() - start:.1f}s)")
-    if autoattack_examples:
+        if key == "pgd40" and 0 < n < len(test):
+            results["pgd40_autoattack_examples"] = 1 - r["adv_correct"][:n].double().mean().item()
+    if n:
         start = time.perf_counter()
-        x, y = (t[:autoattack_examples] for t in test.tensors)
+        x, y = (t[:n] for t in test.tensors)
         results["autoattack"] = autoattack(model.eval(), x, y, eps, seed=seed,
                                            batch_size=eval_batch_size(device)).robust_error
         log(f"  {'autoattack':<13} {100 * results['autoattack']:6.2f}%  ({time.perf_counter() - start:.1f}s, "
@@ -200,8 +208,12 @@ def _print_reproduce(report: Dict[str, Any], args: argparse.Namespace, out: Outp
         for key, row_title in ROWS:
             if key == "pgd40_random":
                 row_title = f"PGD-40, random start, {report['restarts']} restarts"
+            n = report.get("autoattack_examples", 0)
+            if key == "pgd40_autoattack_examples":
+                if not 0 < n < report["test_examples"]:
+                    continue
+                row_title = f"PGD-40, α = ε/10, first {n} images (AutoAttack's)"
             if key == "autoattack":
-                n = report.get("autoattack_examples", 0)
                 if not n:
                     continue
                 if n < report["test_examples"]:

@@ -39,22 +39,15 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _method_table() -> str:
-    from ..runs import CERTIFIED, METHODS, TrainConfig
+    from ..runs import TrainConfig
+    from ..training import method_class, method_names
     lines = ["per-method defaults (options left out take these):"]
-    for method in METHODS:
+    for method in method_names():
         c = TrainConfig.for_method(method)
         shown = {"epochs": c.epochs, "optimizer": c.optimizer, "lr": c.lr, "lr-schedule": c.lr_schedule}
         if c.lr_schedule == "step":
             shown.update({"lr-decay-at": " ".join(map(str, c.lr_decay_at)), "lr-decay": c.lr_decay})
-        if method in ("pgd", "mtl-ibp", "cc-ibp", "sabr"):
-            shown["attack-steps"] = c.attack_steps
-        if method in ("mtl-ibp", "cc-ibp"):
-            shown["expressive-alpha"] = c.expressive_alpha
-        if method == "sabr":
-            shown["sabr-lambda"] = c.sabr_lambda
-        if method in CERTIFIED:
-            shown.update({"kappa-end": c.kappa_end, "reg-weight": c.reg_weight, "ibp-init": c.ibp_init,
-                          "grad-clip": c.grad_clip})
+        shown.update({name.replace("_", "-"): getattr(c, name) for name in method_class(method).options})
         lines.append(f"  {method:<10} " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     lines += ["", "certified training: ε = 0 for --warmup-steps (one epoch, at most 15% of all steps), then a",
               "smooth ramp to --train-eps over --ramp-steps (35% of all steps); κ and β ramp linearly over the",
@@ -63,8 +56,15 @@ def _method_table() -> str:
     return "\n".join(lines)
 
 
+def _readers(*fields: str, certified: bool = False) -> str:
+    """The registered methods that read any of the recipe ``fields`` (or all certified ones)."""
+    from ..training import method_class, method_names
+    return ", ".join(name for name in method_names()
+                     if (certified and method_class(name).certified) or set(fields) & set(method_class(name).options))
+
+
 def _model(text: str) -> str:
-    from ..runs.model import check_model
+    from ..models import check_model
     try:
         check_model(text)
     except ValueError as err:
@@ -73,12 +73,14 @@ def _model(text: str) -> str:
 
 
 def _train_options(parser: argparse.ArgumentParser) -> None:
-    from ..runs import METHODS, MODELS, PRESETS
+    from ..models import MODELS
+    from ..runs import PRESETS, TrainConfig
+    from ..training import method_names
     g = parser.add_argument_group("recipe (left out: the method's default, see below)")
     g.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
                    help="a published recipe (CNN-7 on MNIST or CIFAR-10; see the README's table): "
                         f"{', '.join(sorted(PRESETS))}; options given beside it win")
-    g.add_argument("--method", choices=METHODS, default="ibp", help="training method")
+    g.add_argument("--method", choices=method_names(), default=TrainConfig.method, help="training method")
     g.add_argument("--model", type=_model, default="tutorial-cnn", metavar="MODEL",
                    help=f"architecture: one of {', '.join(MODELS)}, or your own as FILE.py:FACTORY or "
                         "MODULE:FACTORY (a function returning an nn.Module, called with the keywords it takes of "
@@ -96,22 +98,24 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-decay-at", type=unit, nargs="+", metavar="FRACTION",
                    help="step schedule: decay at these fractions of all steps")
     g.add_argument("--lr-decay", type=unit, help="step schedule: factor per decay")
-    a = parser.add_argument_group("adversarial training (pgd, fgsm)")
-    a.add_argument("--attack-steps", type=count(1), help="PGD steps per training batch (default: 10)")
+    a = parser.add_argument_group(f"attacks of adversarial training ({_readers('attack_alpha', 'attack_steps')})")
+    a.add_argument("--attack-steps", type=count(1),
+                   help="PGD steps per training batch (default: the method's, see below)")
     a.add_argument("--attack-alpha", type=positive,
                    help="step size (default: 2.5 ε / steps for pgd, 1.25 ε for fgsm)")
     a.add_argument("--attack-random-start", action=argparse.BooleanOptionalAction, default=None,
                    help="PGD from a random point of the ε-box (default: yes)")
-    x = parser.add_argument_group("expressive losses (mtl-ibp, cc-ibp: De Palma et al. 2024; sabr: Müller et al. "
-                                  "2023); their attack takes --attack-steps (default: 1 for mtl-ibp, cc-ibp, 8 "
-                                  "for sabr)")
+    x = parser.add_argument_group(f"expressive losses ({_readers('expressive_alpha', 'sabr_lambda')}: De Palma et al. "
+                                  "2024, Müller et al. 2023); their attack takes --attack-steps (defaults below)")
     x.add_argument("--expressive-alpha", type=unit,
-                   help="mtl-ibp, cc-ibp: the IBP share α of the loss; 1: IBP, 0: the adversarial loss")
-    x.add_argument("--sabr-lambda", type=unit, help="sabr: radius of the propagated small box, as a share of ε")
+                   help=f"{_readers('expressive_alpha')}: the IBP share α of the loss; 1: IBP, 0: the adversarial "
+                        "loss")
+    x.add_argument("--sabr-lambda", type=unit,
+                   help=f"{_readers('sabr_lambda')}: radius of the propagated small box, as a share of ε")
     x.add_argument("--attack-step-scale", type=positive,
-                   help="step size as a multiple of the attack radius (default: 10 for mtl-ibp, cc-ibp, 0.5 for sabr)")
+                   help="step size as a multiple of the attack radius (default: the method's, see below)")
     x.add_argument("--attack-eps-scale", type=positive, help="attack radius as a multiple of ε (default: 1)")
-    c = parser.add_argument_group("certified training (ibp, crown-ibp and the expressive losses)")
+    c = parser.add_argument_group(f"certified training ({_readers(certified=True)})")
     c.add_argument("--warmup-steps", type=count(0),
                    help="steps at ε = 0 (default: one epoch, at most 15%% of all steps)")
     c.add_argument("--ramp-steps", type=count(0), help="steps of the ε ramp (default: 35%% of all steps)")
@@ -121,20 +125,20 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--kappa-start", type=unit, help="weight of the clean loss at the start (default: 1)")
     c.add_argument("--kappa-end", type=unit, help="... after the ramp (default: 0, Zhang et al. 2020)")
     c.add_argument("--beta-start", type=unit,
-                   help="crown-ibp: CROWN-IBP share of the bound at the start (default: 1)")
+                   help=f"{_readers('beta_end')}: CROWN-IBP share of the bound at the start (default: 1)")
     c.add_argument("--beta-end", type=unit, help="... after the ramp (default: 0, Zhang et al. 2020)")
     c.add_argument("--loss-fusion", action=argparse.BooleanOptionalAction, default=None,
-                   help="crown-ibp: bound the cross-entropy itself through one CROWN row per example "
+                   help=f"{_readers('loss_fusion')}: bound the cross-entropy itself through one CROWN row per example "
                         "instead of K-1 margins (Xu et al. 2020; about K-1 times cheaper; default: yes)")
     c.add_argument("--bn-stats", choices=("batch", "running"),
                    help="BatchNorm in the training bounds: the batch statistics of the clean pass (Shi "
                         "et al. 2021) or the running ones (default: batch)")
     c.add_argument("--ibp-init", action=argparse.BooleanOptionalAction, default=None,
-                   help="IBP initialisation of Shi et al. 2021 (default: yes for ibp, crown-ibp)")
+                   help="IBP initialisation of Shi et al. 2021 (default: yes for certified training)")
     c.add_argument("--grad-clip", type=nonnegative,
-                   help="clip the gradient norm; 0: off (default: 10 for ibp, crown-ibp)")
+                   help="clip the gradient norm; 0: off (default: 10 for certified training)")
     c.add_argument("--reg-weight", type=nonnegative,
-                   help="weight of Shi et al.'s warm-up regularisers (default: 0.5 for ibp, crown-ibp)")
+                   help="weight of Shi et al.'s warm-up regularisers (default: 0.5 for certified training)")
     e = parser.add_argument_group("budget and per-epoch evaluation")
     e.add_argument("--train-subset", type=count(1), help="train on this many examples (a fixed random subset)")
     e.add_argument("--test-subset", type=count(1), help="evaluate on this many test examples")

@@ -38,14 +38,15 @@ per-epoch evaluation in float32. ``compile=True`` runs the clean forward pass of
 The package, one concern per module (each calls only the ones listed before it):
 
 * :mod:`~pyibp.runs.model`      the architecture (zoo name or user factory), IBP initialisation;
-* :mod:`~pyibp.runs.recipe`     :class:`TrainConfig` and the defaults of each method;
-* :mod:`~pyibp.runs.schedules`  optimiser, learning rate, ε, κ and β as functions of the step;
+* :mod:`~pyibp.runs.recipe`     :class:`TrainConfig` (its methods and their defaults: :mod:`pyibp.training`);
+* :mod:`~pyibp.runs.optimizer`  optimiser and learning rate as functions of the step;
 * :mod:`~pyibp.runs.seeds`      per-epoch seeds and the global generators' states;
 * :mod:`~pyibp.runs.files`      file names, atomic writes, checkpoint, metrics, config I/O;
 * :mod:`~pyibp.runs.folder`     the run-folder policy (one writer, new, resume, overwrite);
 * :mod:`~pyibp.runs.plots`      curves.png;
 * :mod:`~pyibp.runs.data`       the run's data subsets;
-* :mod:`~pyibp.runs.loop`       one epoch: training, then the per-epoch test;
+* :mod:`~pyibp.runs.loop`       the recipe's method, one epoch (:func:`pyibp.training.train_epoch`), then the
+                                 per-epoch test;
 * :mod:`~pyibp.runs.run`        :func:`train` (check, prepare, train), :func:`train_run`, :func:`load_run`.
 
 Example:
@@ -64,20 +65,17 @@ from .files import (CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, CURVES, METRICS, RUN_
                     atomic_write, load_checkpoint, read_config, read_metrics, save_checkpoint, truncate_metrics,
                     write_json)
 from .folder import LOCK, RecipeMismatch, check_run_folder, locked, prepare_run_folder, recipe_to_train
-from .loop import eval_batch_size, evaluate_epoch, train_one_epoch
-from .model import build_model, initialise_for_ibp, load_factory, model_spec
+from .loop import build_method, eval_batch_size, evaluate_epoch, train_one_epoch
+from .model import build_model, initialise_for_ibp, load_factory
+from .optimizer import lr_factor, make_optimizer, make_scheduler
 from .plots import plot_curves
-from .recipe import CERTIFIED, EXPRESSIVE, METHOD_DEFAULTS, METHODS, PRESETS, TrainConfig
+from .recipe import PRESETS, REPRODUCE_CERTIFIED, TrainConfig
 from .run import AMP, format_record, load_run, train, train_run
-from .schedules import (ScheduleWarning, eps_schedules, eps_shortfall, lr_factor, make_optimizer, make_scheduler,
-                        warmup_and_ramp)
 from .seeds import derive_seed, rng_state, seed_everything, set_rng_state
-from ..models import MODELS
 
-__all__ = ["TrainConfig", "METHOD_DEFAULTS", "METHODS", "CERTIFIED", "EXPRESSIVE", "PRESETS", "MODELS", "RUN_FILES", "RunFolderError",
-           "RecipeMismatch", "ScheduleWarning", "LOCK", "locked", "check_run_folder", "prepare_run_folder",
-           "recipe_to_train", "train", "train_run", "load_run", "load_factory", "model_spec", "warmup_and_ramp",
-           "eps_shortfall", "checked_subset", "load_data", "read_config",
-           "read_metrics", "append_metrics", "truncate_metrics", "save_checkpoint", "load_checkpoint",
-           "atomic_write", "write_json", "rng_state", "set_rng_state", "derive_seed", "plot_curves", "subset",
-           "eval_batch_size", "build_model", "initialise_for_ibp", "eps_schedules", "lr_factor", "AMP"]
+__all__ = ["TrainConfig", "PRESETS", "REPRODUCE_CERTIFIED", "RUN_FILES", "RunFolderError", "RecipeMismatch", "LOCK",
+           "locked", "check_run_folder", "prepare_run_folder", "recipe_to_train", "train", "train_run", "load_run",
+           "load_factory", "checked_subset", "load_data", "read_config", "read_metrics", "append_metrics",
+           "truncate_metrics", "save_checkpoint", "load_checkpoint", "atomic_write", "write_json", "rng_state",
+           "set_rng_state", "derive_seed", "plot_curves", "subset", "eval_batch_size", "build_model",
+           "initialise_for_ibp", "build_method", "lr_factor", "make_optimizer", "make_scheduler", "AMP"]

@@ -1,5 +1,5 @@
-"""One epoch of a run: training by the recipe's method, then the per-epoch test (clean,
-IBP-verified and PGD error), both over the ranks of a process group."""
+"""One epoch of a run: training by the recipe's method (:func:`pyibp.training.train_epoch`), then
+the per-epoch test (clean, IBP-verified and PGD error), both over the ranks of a process group."""
 from __future__ import annotations
 
 import contextlib
@@ -10,25 +10,40 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..certified_training import certified_train_epoch
-from ..certify import verify
+from ..attacks import PGD
 from ..data import loader
 from ..distributed import DistContext, reduce_metrics, unwrap
-from ..schedules import Schedule
-from ..train import adversarial_train_epoch, evaluate, fgsm_train_epoch, train_epoch
+from ..evaluation import evaluate, verify
+from ..training import Method, method_class, train_epoch
 from .data import subset
 from .files import Device
-from .recipe import CERTIFIED, TrainConfig
+from .recipe import TrainConfig
 from .seeds import derive_seed
 
-__all__ = ["train_one_epoch", "evaluate_epoch", "eval_batch_size"]
+__all__ = ["build_method", "train_one_epoch", "evaluate_epoch", "eval_batch_size"]
+
+# metrics.jsonl's names of the training metrics (the others keep the method's own names).
+_RECORD_NAMES = {"loss": "train_loss", "error": "train_error", "eps": "train_eps",
+                 "robust_loss": "train_robust_loss", "verified_error": "train_verified_error"}
+_NOT_RECORDED = ("examples", "steps")
 
 
-def train_one_epoch(config: TrainConfig, model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, schedules: Tuple[Schedule, ...],
-                    epoch: int, step: int, device: torch.device, quiet: bool, ctx: DistContext,
+def build_method(config: TrainConfig, steps_per_epoch: int) -> Method:
+    """The training method of the recipe, configured once for a run of ``steps_per_epoch`` steps
+    per epoch (its schedules are functions of the global step).
+
+    Example:
+        >>> build_method(TrainConfig.for_method("pgd", eps=0.1), 40)
+        PGDTraining(eps=0.1, alpha=0.025, steps=10, ...)
+    """
+    return method_class(config.method).from_recipe(config, steps_per_epoch)
+
+
+def train_one_epoch(config: TrainConfig, method: Method, model: nn.Module, batches: Iterable,
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
+                    step: int, device: torch.device, quiet: bool, ctx: DistContext,
                     amp: str) -> Tuple[Dict[str, Any], int]:
-    """One epoch of ``config.method``; returns (metrics of all ranks in metrics.jsonl's names, new global step).
+    """One epoch of ``method``; returns (metrics of all ranks in metrics.jsonl's names, new global step).
 
     ``model`` is the training model (DDP, compiled, ...); with ``amp`` a certified model arrives
     wrapped in :class:`AutocastForward` already, and the other methods' epoch runs under autocast
@@ -38,42 +53,13 @@ def train_one_epoch(config: TrainConfig, model: nn.Module, batches: Iterable, op
     # same. Rank 0 keeps the one-process seed; the other ranks attack other examples.
     keys = ("attack",) if ctx.rank == 0 else ("attack", ctx.rank)
     g = torch.Generator(device).manual_seed(derive_seed(config.seed, epoch, *keys))
-    if config.method in CERTIFIED:
-        eps, kappa, beta = schedules
-        m, new_step = certified_train_epoch(
-            model, batches, optimizer, eps_schedule=eps, kappa_schedule=kappa,
-            beta_schedule=beta if config.method == "crown-ibp" else None, method=config.method,
-            loss_fusion=config.loss_fusion, bn_stats=config.bn_stats, step_offset=step,
-            grad_clip=config.grad_clip, scheduler=scheduler, reg_tightness=config.reg_weight,
-            reg_relu=config.reg_weight, expressive_alpha=config.expressive_alpha, sabr_lambda=config.sabr_lambda,
-            attack_steps=config.attack_steps, attack_step_scale=config.attack_step_scale,
-            attack_eps_scale=config.attack_eps_scale, generator=g, quiet=quiet, device=device)
-        m = reduce_metrics(m, ctx)
-        out = {"train_loss": m["loss"], "train_robust_loss": m["robust_loss"], "train_error": m["clean_error"],
-               "train_verified_error": m["verified_error"], "train_eps": m["eps"], "kappa": m["kappa"]}
-        if config.method == "crown-ibp":
-            out["beta"] = m["beta"]
-        return {**out, "lr": m["lr"], "seconds": m["seconds"]}, new_step
-    eps = config.target_eps
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" and not method.certified
                 else contextlib.nullcontext())
     with autocast:
-        if config.method == "standard":
-            m = train_epoch(model, batches, optimizer, scheduler=scheduler, device=device, quiet=quiet)
-            eps = 0.0
-        else:
-            if config.method == "pgd":
-                alpha = (config.attack_alpha if config.attack_alpha is not None
-                         else 2.5 * eps / config.attack_steps)
-                m = adversarial_train_epoch(model, batches, optimizer, eps=eps, alpha=alpha,
-                                            steps=config.attack_steps, random_start=config.attack_random_start,
-                                            scheduler=scheduler, device=device, quiet=quiet, generator=g)
-            else:
-                m = fgsm_train_epoch(model, batches, optimizer, eps=eps, alpha=config.attack_alpha,
-                                     scheduler=scheduler, device=device, quiet=quiet, generator=g)
+        m, new_step = train_epoch(model, method, batches, optimizer, step=step, scheduler=scheduler,
+                                  grad_clip=config.grad_clip, generator=g, device=device, quiet=quiet)
     m = reduce_metrics(m, ctx)
-    return {"train_loss": m["loss"], "train_error": m["error"], "train_eps": eps, "lr": m["lr"],
-            "seconds": m["seconds"]}, step + len(batches)
+    return {_RECORD_NAMES.get(k, k): v for k, v in m.items() if k not in _NOT_RECORDED}, new_step
 
 
 def eval_batch_size(device: Device) -> int:
@@ -112,9 +98,9 @@ def evaluate_epoch(config: TrainConfig, model: nn.Module, test: TensorDataset, d
                                "test_verified_error": counted["verified_error"], "test_pgd_error": None}
         if config.eval_pgd_steps > 0 and config.eps > 0:
             pgd_set = _shard(subset(test, config.eval_pgd_subset), ctx)
-            adv = evaluate(model, loader(pgd_set, batch), attack="pgd", eps=config.eps,
-                           alpha=2.5 * config.eps / config.eval_pgd_steps, steps=config.eval_pgd_steps,
-                           device=device, quiet=quiet)
+            attack = PGD(model, config.eps, alpha=2.5 * config.eps / config.eval_pgd_steps,
+                         steps=config.eval_pgd_steps, random_start=False)
+            adv = evaluate(model, loader(pgd_set, batch), attack=attack, device=device, quiet=quiet)
             counted = reduce_metrics({"pgd_error": adv["adv_error"] if adv["examples"] else 0.0,
                                       "examples": adv["examples"]}, ctx)
             out["test_pgd_error"] = counted["pgd_error"]

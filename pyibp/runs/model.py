@@ -12,52 +12,17 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..certified_training import ibp_init
-from ..models import MODELS, build_model as build_named_model
+from ..models import build_model as build_named_model, check_model, is_factory, is_factory_file
+from ..training import ibp_init
 
-if TYPE_CHECKING:
-    from .recipe import TrainConfig
-
-__all__ = ["build_model", "check_model", "check_boundable", "model_spec", "load_factory", "initialise_for_ibp"]
-
-_SPEC_FORM = "FILE.py:FACTORY or MODULE:FACTORY"
-
-
-def _is_factory(name: str) -> bool:
-    return ":" in name
-
-
-def check_model(name: str) -> None:
-    """Raises ValueError unless ``name`` is a model of the zoo or has the form of a factory."""
-    if not isinstance(name, str) or not (name in MODELS or _is_factory(name)):
-        raise ValueError(f"model must be one of {tuple(MODELS)} or a factory {_SPEC_FORM}, got {name!r}")
-    if _is_factory(name):
-        where, _, function = name.rpartition(":")
-        if not where or not function.isidentifier():
-            raise ValueError(f"model must be a factory {_SPEC_FORM}, got {name!r}")
-
-
-def model_spec(name: str) -> str:
-    """``name`` as a recipe records it: a factory file by its absolute path (evaluating or resuming
-    the run from another folder finds the same file), anything else unchanged."""
-    check_model(name)
-    where, _, function = name.rpartition(":")
-    if _is_factory(name) and _is_file(where):
-        return f"{Path(where).expanduser().resolve()}:{function}"
-    return name
-
-
-def _is_file(where: str) -> bool:
-    return where.endswith(".py") or "/" in where or os.sep in where
-
+__all__ = ["build_model", "check_boundable", "load_factory", "initialise_for_ibp"]
 
 def load_factory(name: str) -> Callable[..., nn.Module]:
     """The function a factory spec ``FILE.py:FACTORY`` / ``MODULE:FACTORY`` names.
@@ -66,7 +31,7 @@ def load_factory(name: str) -> Callable[..., nn.Module]:
     """
     check_model(name)
     where, _, function = name.rpartition(":")
-    if _is_file(where):
+    if is_factory_file(where):
         path = Path(where).expanduser()
         if not path.is_file():
             raise ValueError(f"model {name!r}: no file {path}")
@@ -97,10 +62,11 @@ def load_factory(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def build_model(config: TrainConfig, example: Tensor) -> nn.Module:
-    """The architecture ``config.model`` sized for images like ``example`` (C, H, W)."""
+def build_model(config: Any, example: Tensor) -> nn.Module:
+    """The architecture ``config.model`` (of a :class:`~pyibp.runs.TrainConfig`) sized for images
+    like ``example`` (C, H, W)."""
     sizes = dict(in_channels=example.shape[0], num_classes=10, image_size=example.shape[-1])
-    if not _is_factory(config.model):
+    if not is_factory(config.model):
         return build_named_model(config.model, **sizes)
     factory = load_factory(config.model)
     try:
@@ -114,7 +80,7 @@ def build_model(config: TrainConfig, example: Tensor) -> nn.Module:
     return model
 
 
-def check_boundable(config: TrainConfig, example: Tensor) -> None:
+def check_boundable(config: Any, example: Tensor) -> None:
     """Builds ``config.model`` and bounds it once at ``example`` (C, H, W): every run verifies
     its model after each epoch, so a model pyibp cannot bound (or whose output is not one logit
     per class) is a ValueError naming it before a run starts, not after its first epoch."""
@@ -131,7 +97,7 @@ def check_boundable(config: TrainConfig, example: Tensor) -> None:
 
 
 def initialise_for_ibp(model: nn.Module) -> nn.Module:
-    """:func:`pyibp.certified_training.ibp_init`, then zero biases in every layer but the last.
+    """:func:`pyibp.training.ibp_init`, then zero biases in every layer but the last.
 
     IBP initialisation makes the weights about ``1 / fan_in`` small, so PyTorch's default biases
     (up to ``1 / sqrt(fan_in)``) dominate the pre-activations: a unit whose bias is negative is

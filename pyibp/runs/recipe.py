@@ -1,5 +1,6 @@
-"""The recipe of a training run: :class:`TrainConfig` (saved as ``config.json``) and the
-defaults of each method."""
+"""The recipe of a training run: :class:`TrainConfig` (saved as ``config.json``), the published
+recipes (:data:`PRESETS`). The methods and their defaults are those of the registry
+(:mod:`pyibp.training.registry`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,13 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from .model import check_model, model_spec
+from ..models import check_model, model_spec
+from ..training import method_class, method_names
 
-__all__ = ["TrainConfig", "METHOD_DEFAULTS", "METHODS", "CERTIFIED", "EXPRESSIVE", "PRESETS"]
-
-METHODS = ("standard", "fgsm", "pgd", "ibp", "crown-ibp", "mtl-ibp", "cc-ibp", "sabr")
-CERTIFIED = ("ibp", "crown-ibp", "mtl-ibp", "cc-ibp", "sabr")
-EXPRESSIVE = ("mtl-ibp", "cc-ibp", "sabr")   # certified training whose loss also attacks
+__all__ = ["TrainConfig", "PRESETS", "REPRODUCE_CERTIFIED"]
 
 
 @dataclass
@@ -73,10 +71,13 @@ class TrainConfig:
 
     @staticmethod
     def for_method(method: str, **overrides: Any) -> "TrainConfig":
-        """The defaults of ``method`` (see :data:`METHOD_DEFAULTS`), then ``overrides``."""
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        values = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
+        """The defaults of ``method`` (its class's ``defaults``, :mod:`pyibp.training`), then ``overrides``.
+
+        Example:
+            >>> TrainConfig.for_method("ibp", epochs=2).epochs
+            2
+        """
+        values = {**method_class(method).defaults, **{k: v for k, v in overrides.items() if v is not None}}
         if "model" in values:
             values["model"] = model_spec(values["model"])   # a factory file by its absolute path
         return TrainConfig(method=method, **values).validated()
@@ -87,7 +88,8 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name} must be {want}, got {value!r}")
 
-        check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        check(self.method in method_names(), "method", self.method, f"one of {method_names()}")
+        options = method_class(self.method).options
         check_model(self.model)
         for name in ("eps", "train_eps", "attack_alpha"):
             v = getattr(self, name)
@@ -122,8 +124,8 @@ class TrainConfig:
             check(0 <= v <= 1, name, v, "in [0, 1]")
         check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "> 0 or None")
         check(self.reg_weight >= 0, "reg_weight", self.reg_weight, ">= 0")
-        check(not self.loss_fusion or self.method == "crown-ibp", "loss_fusion", self.loss_fusion,
-              "False unless method is 'crown-ibp'")
+        check(not self.loss_fusion or "loss_fusion" in options, "loss_fusion", self.loss_fusion,
+              f"False unless the method reads it (method {self.method!r} does not)")
         check(self.bn_stats in ("batch", "running"), "bn_stats", self.bn_stats, "'batch' or 'running'")
         return self
 
@@ -149,36 +151,8 @@ class TrainConfig:
         return TrainConfig(**values).validated()
 
 
-# Defaults per method, chosen to train well on the 4,000 images of mnist-5k (40 steps per epoch at
-# batch 100). Certified training follows Shi et al. (2021) — IBP initialisation, ε = 0 for a short
-# warm-up, a smooth ramp with their warm-up regularisers (weight 0.5), gradient clipping at 10,
-# learning rate x0.2 twice near the end — with the κ mixing of Zhang et al. (2020) (1 -> 0 over the
-# ramp; Gowal et al.'s 1 -> 0.5 verified worse here) and CROWN-IBP's β (1 -> 0). Their Adam rate
-# (5e-4) is for 100 times more steps: on 800 steps 2e-3 verified 13 % where 5e-4 verified 26 %.
-# Adversarial training: Madry et al.'s PGD with α = 2.5 ε / steps from a random start; "fast" FGSM
-# of Wong et al. (2020) with its cyclic learning rate (Adam, peak 5e-3).
-_CERTIFIED_DEFAULTS = dict(epochs=30, lr=2e-3, lr_schedule="step", lr_decay_at=(0.75, 0.9), lr_decay=0.2)
-_ADVERSARIAL_DEFAULTS = dict(ibp_init=False, grad_clip=None, reg_weight=0.0)
-METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "standard": dict(epochs=10, lr=1e-3, lr_schedule="step", lr_decay_at=(0.6, 0.85), lr_decay=0.1,
-                     **_ADVERSARIAL_DEFAULTS),
-    "fgsm": dict(epochs=10, lr=5e-3, lr_schedule="cyclic", **_ADVERSARIAL_DEFAULTS),
-    "pgd": dict(epochs=15, lr=1e-3, lr_schedule="step", lr_decay_at=(0.6, 0.85), lr_decay=0.1, attack_steps=10,
-                **_ADVERSARIAL_DEFAULTS),
-    "ibp": dict(_CERTIFIED_DEFAULTS),
-    # Loss fusion: 12 epochs on mnist-5k verified 16.3 % (CROWN-IBP) against 15.8 % with the K-1
-    # margins, in half the training time (an epoch's CROWN steps cost a quarter).
-    "crown-ibp": dict(_CERTIFIED_DEFAULTS, loss_fusion=True),
-    # The expressive losses keep the IBP recipe above (Shi et al.'s initialisation, warm-up
-    # regularisers and ramp, which De Palma et al. and Müller et al. also use) and add their attack:
-    # MTL-IBP / CC-IBP one step of 10·ε from a random start, SABR 8 steps of 0.5·ε.
-    # mtl-ibp trains at 1.5 ε (De Palma et al. train MNIST 0.1 at 2 ε) with α = 0.7: see the README
-    # for what was tried (α = 0.5 verified 9.8 %, 0.7 verified 9.0 % with CROWN-IBP).
-    "mtl-ibp": dict(_CERTIFIED_DEFAULTS, attack_steps=1, attack_step_scale=10.0, expressive_alpha=0.7,
-                    train_eps_scale=1.5),
-    "cc-ibp": dict(_CERTIFIED_DEFAULTS, attack_steps=1, attack_step_scale=10.0, expressive_alpha=0.5),
-    "sabr": dict(_CERTIFIED_DEFAULTS, attack_steps=8, attack_step_scale=0.5, sabr_lambda=0.4),
-}
+# The certified method `pyibp reproduce` trains by default (its table beside the tutorial's IBP row).
+REPRODUCE_CERTIFIED = "mtl-ibp"
 
 
 def _published(method: str, dataset: str, eps: float, *, epochs: int, decay_at: Tuple[int, int],

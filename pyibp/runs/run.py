@@ -20,11 +20,12 @@ from .data import load_data
 from .files import (CHECKPOINT, CHECKPOINT_FORMAT, CURVES, METRICS, Device, PathLike, RunFolderError, append_metrics,
                     load_checkpoint, read_config, save_checkpoint, truncate_metrics)
 from .folder import locked, prepare_run_folder, recipe_to_train
-from .loop import evaluate_epoch, train_one_epoch
+from ..training.schedules import ScheduleWarning, eps_shortfall
+from .loop import build_method, evaluate_epoch, train_one_epoch
 from .model import build_model, check_boundable, initialise_for_ibp
+from .optimizer import make_optimizer, make_scheduler
 from .plots import plot_curves
-from .recipe import CERTIFIED, TrainConfig
-from .schedules import ScheduleWarning, eps_schedules, eps_shortfall, make_optimizer, make_scheduler
+from .recipe import TrainConfig
 from .seeds import derive_seed, rng_state, seed_everything, set_rng_state
 
 __all__ = ["train", "train_run", "load_run", "format_record", "AMP"]
@@ -148,14 +149,14 @@ def _train_locked(folder: Path, device: torch.device, ctx: DistContext, *, data_
                                                           device=device)
     seed_everything(config.seed)
     model = build_model(config, train.tensors[0][0]).to(device)
-    if config.method in CERTIFIED and config.ibp_init:
-        initialise_for_ibp(model)
     batches = ShardedLoader(train, config.batch_size, ctx=ctx)
     steps_per_epoch = len(batches)
+    method = build_method(config, steps_per_epoch)
+    if method.certified and config.ibp_init:
+        initialise_for_ibp(model)
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, config.epochs * steps_per_epoch)
-    schedules = eps_schedules(config, steps_per_epoch)
-    shortfall = eps_shortfall(config, steps_per_epoch) if config.method in CERTIFIED else None
+    shortfall = eps_shortfall(config, steps_per_epoch) if method.certified else None
     if shortfall is not None and ctx.is_main:
         warnings.warn(f"{folder}: {shortfall}", ScheduleWarning, stacklevel=3)
 
@@ -170,7 +171,7 @@ def _train_locked(folder: Path, device: torch.device, ctx: DistContext, *, data_
     # The model of the training step: bf16 clean forward pass (certified methods; the others run
     # their epoch under autocast), DDP, torch.compile. Checkpoints and evaluation use `model`.
     train_model: nn.Module = model
-    if amp == "bf16" and config.method in CERTIFIED:
+    if amp == "bf16" and method.certified:
         train_model = AutocastForward(train_model, device.type)
     train_model = wrap_model(train_model, ctx)
     if compile:
@@ -181,7 +182,7 @@ def _train_locked(folder: Path, device: torch.device, ctx: DistContext, *, data_
                disable=quiet or not sys.stdout.isatty())
     while epoch < config.epochs:
         batches.set_epoch(epoch, seed=derive_seed(config.seed, epoch, "shuffle"))
-        metrics, step = train_one_epoch(config, train_model, batches, optimizer, scheduler, schedules, epoch, step,
+        metrics, step = train_one_epoch(config, method, train_model, batches, optimizer, scheduler, epoch, step,
                                         device, quiet, ctx, amp)
         epoch += 1
         broadcast_buffers(model, ctx)  # rank 0's BatchNorm statistics, for evaluation and the checkpoint

@@ -1,7 +1,12 @@
-"""ε, κ and β schedules for certified training, counted in optimizer steps (batches), not epochs.
+"""Every schedule of training, counted in optimizer steps (batches), not epochs.
 
-Each schedule is a callable ``sched(step) -> float`` with a ``final`` attribute (its value once
-the ramp is over). Plain numbers work wherever a schedule is expected (a constant).
+* ε, κ and β of certified training: :class:`Constant`, :class:`LinearRamp`, :class:`SmoothRamp`,
+  :class:`StepList`, each a callable ``sched(step) -> float`` with a ``final`` attribute (its value
+  once the ramp is over); plain numbers work wherever a schedule is expected (a constant).
+  :func:`eps_schedules` builds them from a recipe (:class:`pyibp.runs.TrainConfig`).
+* the learning rate of "fast" FGSM training: :func:`cyclic_lr`.
+
+A resumed run continues them exactly: each is a function of the global step.
 
 Example:
     >>> eps = LinearRamp(0.0, 0.1, begin_step=100, ramp_steps=400)
@@ -11,9 +16,13 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
-__all__ = ["Constant", "LinearRamp", "SmoothRamp", "StepList", "as_schedule", "Schedule"]
+import numpy as np
+import torch
+
+__all__ = ["Constant", "LinearRamp", "SmoothRamp", "StepList", "as_schedule", "Schedule", "cyclic_lr",
+           "eps_schedules", "warmup_and_ramp", "eps_shortfall", "ScheduleWarning"]
 
 Schedule = Callable[[int], float]
 
@@ -168,3 +177,98 @@ def as_schedule(value: Union[float, Schedule], name: str = "schedule") -> Schedu
     if isinstance(value, (int, float)) and math.isfinite(value):
         return Constant(value)
     raise ValueError(f"{name} must be a finite number or a callable step -> float, got {value!r}")
+
+
+def cyclic_lr(optimizer: torch.optim.Optimizer, total_steps: int, *,
+              peak: float = 0.4) -> torch.optim.lr_scheduler.LambdaLR:
+    """The triangular one-cycle schedule of Wong et al. (2020), counted in optimizer steps.
+
+    The learning rate rises linearly from 0 to the optimizer's lr at ``peak * total_steps`` and
+    falls linearly back to 0 at ``total_steps``; call ``scheduler.step()`` after every
+    optimizer step (pass it as ``scheduler=``). Step t trains with the rate at position t + 1, so
+    the first step already moves and the last one is close to 0.
+
+    Equivalent to ``lr(t) = np.interp(t + 1, [0, peak * T, T], [0, lr_max, 0])``.
+
+    Example:
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        >>> sched = cyclic_lr(opt, total_steps=1000)
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+    if not 0 < peak <= 1:
+        raise ValueError(f"peak must lie in (0, 1], got {peak!r}")
+    knots = [0.0, peak * total_steps, float(total_steps)]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: float(np.interp(t + 1, knots, [0.0, 1.0, 0.0])))
+
+
+# ---------------------------------------------------------------------------------------------
+# the schedules of a recipe (a pyibp.runs.TrainConfig, read by its fields)
+
+# The default warm-up (one epoch) takes at most this share of a short run, so that ε still reaches
+# its target in a run of one or a few epochs.
+MAX_DEFAULT_WARMUP = 0.15
+DEFAULT_RAMP = 0.35
+
+
+class ScheduleWarning(UserWarning):
+    """A recipe whose ε never reaches the value it is trained for."""
+
+
+def eps_schedules(config: Any, steps_per_epoch: int) -> Tuple[Schedule, Schedule, Schedule]:
+    """``(ε, κ, β)`` of certified training as functions of the global step, for the recipe ``config``.
+
+    ε is 0 for ``warmup_steps``, then ramps to ``target_eps`` over ``ramp_steps`` (defaults:
+    :func:`warmup_and_ramp`); κ and β ramp linearly over the same steps. With ``eps_list`` ε is
+    one value per epoch instead, as in the tutorial.
+    """
+    warmup, ramp = warmup_and_ramp(config, steps_per_epoch)
+    if config.eps_list is not None:
+        eps: Schedule = StepList(config.eps_list, steps_per_epoch)
+    elif config.eps_ramp == "smooth":
+        eps = SmoothRamp(0.0, config.target_eps, warmup, ramp)
+    else:
+        eps = LinearRamp(0.0, config.target_eps, warmup, ramp)
+    kappa = LinearRamp(config.kappa_start, config.kappa_end, warmup, ramp)
+    beta = LinearRamp(config.beta_start, config.beta_end, warmup, ramp)
+    return eps, kappa, beta
+
+
+def warmup_and_ramp(config: Any, steps_per_epoch: int) -> Tuple[int, int]:
+    """``(warm-up steps, ramp steps)`` of a run: the recipe's, or by default one epoch of warm-up
+    (at most 15 % of all steps) and a ramp over 35 % of all steps.
+
+    Example:
+        >>> warmup_and_ramp(TrainConfig.for_method("ibp", epochs=30), steps_per_epoch=40)
+        (40, 420)
+        >>> warmup_and_ramp(TrainConfig.for_method("ibp", epochs=1), steps_per_epoch=40)
+        (6, 14)
+    """
+    total = config.epochs * steps_per_epoch
+    warmup = (min(steps_per_epoch, round(MAX_DEFAULT_WARMUP * total)) if config.warmup_steps is None
+              else config.warmup_steps)
+    ramp = round(DEFAULT_RAMP * total) if config.ramp_steps is None else config.ramp_steps
+    return warmup, ramp
+
+
+def eps_shortfall(config: Any, steps_per_epoch: int) -> Optional[str]:
+    """Why ε stays below ``target_eps`` at the run's last step, or None when it gets there.
+
+    Certified training only; a run that is stopped at the end of its warm-up or ramp trains a
+    network for a smaller ε than the one it is evaluated at, which must not go unnoticed.
+    """
+    total = config.epochs * steps_per_epoch
+    target = config.target_eps
+    reached = eps_schedules(config, steps_per_epoch)[0](total - 1)
+    if target == 0 or reached >= target * (1 - 1e-6):
+        return None
+    if config.eps_list is not None:
+        why = f"eps_list gives {reached:g} to epoch {config.epochs}"
+        fix = "longer eps_list values or more epochs"
+    else:
+        warmup, ramp = warmup_and_ramp(config, steps_per_epoch)
+        why = f"{warmup} warm-up and {ramp} ramp steps, of the run's {total}"
+        fix = "more epochs, or fewer warmup_steps / ramp_steps"
+    return (f"ε never reaches its target {target:g}: it is {reached:.4g} at the last step ({why}); "
+            f"the network is trained for a smaller ε than it is evaluated at (give {fix})")
