@@ -168,6 +168,11 @@ def test_certify_with_crown_and_alpha_crown_records_method_steps_and_time(run, c
     assert saved["method"] == "alpha-crown" and saved["steps"] == 3 and saved["seconds"] > 0
     code, _, err = run_main(["certify", str(folder), "--method", "alpha-crown", "--alpha-steps", "-1"], capsys)
     assert code == 2 and "steps must be an integer >= 0, got -1" in err
+    code, out, _ = run_main(["certify", str(folder), "--method", "alpha-crown", "bab", "--alpha-steps", "3",
+                             "--timeout", "2", "--test-subset", "3", "--device", "cpu", "--json"], capsys)
+    complete = json.loads(out)["results"]["bab"]
+    assert code == 0 and complete["verified"] + complete["falsified"] + complete["unknown"] == 3
+    assert complete["verified_error"] <= json.loads(out)["results"]["alpha-crown"]["verified_error"]
 
 
 def test_landscape_draws_the_runs_side_by_side(run, tmp_path):

@@ -315,13 +315,13 @@ def test_random_dags_match_the_reference_and_are_sound(seed, eps):
 
 # ---------------------------------------------------------------------------------------------
 # errors
-class _Gelu(nn.Module):
+class _Mish(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        return F.gelu(self.fc(x))
+        return F.mish(self.fc(x))
 
 
 class _Branching(nn.Module):
@@ -337,8 +337,8 @@ class _Product(nn.Module):
 
 
 @pytest.mark.parametrize("model,message", [
-    (_Gelu(), r"pyibp cannot bound node 'gelu' \(call_function F.gelu\) at .*test_graph.py:\d+: "
-              r"return F.gelu\(self.fc\(x\)\)\. Supported: Linear"),
+    (_Mish(), r"pyibp cannot bound node 'mish' \(call_function F.mish\) at .*test_graph.py:\d+: "
+              r"return F.mish\(self.fc\(x\)\)\. Supported: Linear"),
     (_Branching(), r"could not capture _Branching.forward with torch.fx at .*test_graph.py:\d+: if x.sum\(\) > 0"),
     (_Product(), r"node 'mul' \(call_function operator.mul\) at .*: mul of two bounded tensors is not linear"),
     (nn.Sequential(nn.Flatten(0)), r"changes the batch dimension"),

@@ -1,11 +1,13 @@
-"""``pyibp certify``: the verified error of a trained run (IBP, CROWN-IBP, CROWN, alpha-CROWN), merged
-into its certify.json."""
+"""``pyibp certify``: the verified error of a trained run (IBP, CROWN-IBP, CROWN, alpha-CROWN, or complete
+verification: branch and bound), merged into its certify.json."""
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
 from typing import Callable, Set
+
+import torch
 
 from ..bounds.specs import METHODS
 from .common import (Output, ResultFile, common_options, format_table, load, pct, run_evaluation_options, test_set,
@@ -21,8 +23,12 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
                 "classified correctly and no input of its ε-box can change that, as the bounds prove.\n"
                 "The result is printed and merged into RUN_DIR/certify.json.")
     run_evaluation_options(p, "certify")
-    p.add_argument("--method", nargs="+", choices=METHODS, default=["ibp", "crown-ibp"],
-                   help="bounding methods, from the cheapest to the tightest: " + ", ".join(METHODS))
+    p.add_argument("--method", nargs="+", choices=METHODS + ("bab",), default=["ibp", "crown-ibp"],
+                   help="bounding methods, from the cheapest to the tightest: " + ", ".join(METHODS) +
+                        "; bab: complete verification (alpha-CROWN, then a falsifier and ReLU branch and bound "
+                        "per example left open, --timeout seconds each)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="bab: seconds of complete verification per example alpha-CROWN leaves open (default 60)")
     p.add_argument("--alpha-steps", type=int, default=20, metavar="N",
                    help="alpha-CROWN: optimisation steps of the ReLU slopes (default 20)")
     p.add_argument("--alpha-lr", type=float, default=0.5, metavar="LR",
@@ -39,7 +45,6 @@ def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     """Runs ``pyibp certify``; returns the exit code."""
-    import torch
     from ..bounds import AlphaOptions
     from ..evaluation import verify
     from ..data import loader
@@ -53,8 +58,13 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     saved = ResultFile(Path(args.run) / "certify.json")
     methods = list(dict.fromkeys(args.method))
     alpha = AlphaOptions(steps=args.alpha_steps, lr=args.alpha_lr)      # a ValueError names a bad option
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     for method in methods:
         start = time.perf_counter()
+        if method == "bab":
+            rows.append(_bab_row(args, model, test, eps, alpha, meta, results, verified, saved))
+            continue
         r = verify(model, batches, eps, method=method, device=device, quiet=args.quiet,
                    dtype=torch.float64 if args.float64 else None, sound=args.sound, alpha=alpha)
         seconds = time.perf_counter() - start
@@ -76,6 +86,26 @@ def run(args: argparse.Namespace, out: Output, explicit: Set[str]) -> int:
     saved.check()
     return 0
 
+
+
+def _bab_row(args, model, test, eps: float, alpha, meta, results, verified, saved) -> tuple:
+    """Complete verification of every test example (:func:`pyibp.verifier.robustness.verify_robustness`):
+    verified, falsified (a checked counterexample, or misclassified) or unknown."""
+    from ..verifier.robustness import verify_robustness
+    x, y = test.tensors
+    start = time.perf_counter()
+    r = verify_robustness(model.eval(), x, y, eps, timeout=args.timeout, alpha=alpha)
+    seconds = time.perf_counter() - start
+    counts = {s: r.status.count(s) for s in ("verified", "falsified", "unknown")}
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) != y).double().mean()) if len(y) else float("nan")
+    entry = {"method": "bab", "eps": eps, "timeout": args.timeout, "steps": alpha.steps, "examples": len(y),
+             **counts, "clean_error": clean, "verified_error": r.verified_error, "epoch": meta["epoch"],
+             "seconds": seconds}
+    results["bab"] = entry
+    verified["bab"] = r.verified
+    saved.add(f"bab eps={eps} timeout={args.timeout:g}", entry)
+    return ("bab", eps, len(y), pct(clean), pct(r.verified_error), round(seconds, 1))
 
 
 def _autoattack_row(args, model, test, eps: float, device, verified, results, saved) -> tuple:
