@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyibp  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 from pyibp.bounds import METHODS  # noqa: E402
+from pyibp.runs import load_run  # noqa: E402
 from pyibp.models import tutorial_cnn  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def run(args) -> None:
         with torch.no_grad():       # a random model is verified on its own predictions
             models.append((name, model, eps, x, model(x).argmax(1)))
     for folder in args.runs:
-        config, model, _ = pyibp.runs.load_run(folder, "cpu")
+        config, model, _ = load_run(folder, "cpu")
         models.append((f"{os.path.basename(os.path.normpath(folder))} ({config.method})", model, config.eps, x, y))
     rows = []
     for name, model, eps, x, y in models:
