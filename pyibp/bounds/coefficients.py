@@ -26,6 +26,14 @@ _CPU_ROWS_BUDGET = 32 * 2**20
 _CUDA_ROWS_BUDGET = 1024 * 2**20
 
 
+def one_hot_rows(like: Tensor, batch: int, index: Tensor, signs: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    """(batch, R, *shape) coefficients whose row r is ``signs[r]`` at flat position ``index[r]`` and 0
+    elsewhere: the rows ``±e_i`` that bound single neurons of a node of per-example ``shape``."""
+    A = like.new_zeros(batch, index.numel(), math.prod(shape))
+    A[:, torch.arange(index.numel(), device=like.device), index] = signs
+    return A.view((batch, index.numel()) + tuple(shape))
+
+
 def rows_per_chunk(like: Tensor, elements_per_row: int, rows: int) -> int:
     """How many of ``rows`` rows of ``elements_per_row`` elements (the whole batch's) to push back at once."""
     budget = _CPU_ROWS_BUDGET if like.device.type == "cpu" else _CUDA_ROWS_BUDGET

@@ -25,7 +25,7 @@ from typing import Any, Collection, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .coefficients import rows_per_chunk
+from .coefficients import one_hot_rows, rows_per_chunk
 from .crown import _crown_bound
 from .graph import BoundGraph, Node, linear_params
 from .ibp import Trace, _param, propagate
@@ -66,9 +66,7 @@ def _neuron_bounds(graph: BoundGraph, trace: Trace, node: Node, index: Tensor, b
             A = (weight[r] * sign[:, None]).expand(batch, -1, -1)
             const = ((bias[r] * sign) if bias is not None else sign.new_zeros(r.shape)).expand(batch, -1)
         else:
-            A = mu.new_zeros(batch, r.numel(), math.prod(shape))
-            A[:, torch.arange(r.numel(), device=mu.device), r] = sign
-            A = A.view((batch, r.numel()) + shape)
+            A = one_hot_rows(mu, batch, r, sign, shape)
             const = mu.new_zeros(batch, r.numel())
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"CROWN's intermediate bounds passed the deadline at node {node.describe()}")

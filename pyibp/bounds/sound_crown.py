@@ -57,7 +57,8 @@ from torch import Tensor
 from .checks import Bound, domain
 from .. import ops
 from .coefficients import (_A_channels_last, _back_conv, _channels_last, _examples_per_chunk, _flat_box, _flat_features,
-                           _other_classes, _unflatten_features, rows_per_chunk)
+                           _other_classes, _unflatten_features, one_hot_rows,
+                           rows_per_chunk)
 from .graph import BoundGraph, ConvParams, conv_params, linear_params, per_channel
 from .ibp import Trace, _param, ibp_margins, no_nan
 from .sound import SoundBackend, gamma, units
@@ -335,9 +336,7 @@ def _neuron_bounds(graph: BoundGraph, trace: Trace, node, index: Tensor, box: Pa
     out = []
     for r0 in range(0, 2 * count, chunk):
         r, sign = rows[r0:r0 + chunk], signs[r0:r0 + chunk]
-        A = mu.new_zeros(batch, r.numel(), math.prod(shape))
-        A[:, torch.arange(r.numel(), device=mu.device), r] = sign
-        A = A.view((batch, r.numel()) + shape)
+        A = one_hot_rows(mu, batch, r, sign, shape)
         per = _examples_per_chunk(trace, A, batch)
         out.append(torch.cat([_backward(_Walk(graph, _slice(trace, slice(i0, i0 + per)), compute),
                                         A[i0:i0 + per], None, node.index, tuple(t[i0:i0 + per] for t in box))
