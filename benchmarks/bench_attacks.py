@@ -199,11 +199,11 @@ def print_table(results: List[Dict[str, object]], steps: int, repeats: int) -> N
     print("targets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
 
 
-def fgsm_trained_cnn(epochs: int, eps: float) -> nn.Module:
-    """The tutorial CNN after one standard epoch and ``epochs`` of FGSM training (random start,
-    step 1.25 eps) on mnist-5k with Adam (lr 1e-3), seeded; in eval mode."""
+def _adversarially_trained_cnn(method, epochs: int) -> nn.Module:
+    """The tutorial CNN after one standard epoch and ``epochs`` of training with ``method`` (a
+    pyibp.training method object) on mnist-5k with Adam (lr 1e-3), seeded; in eval mode."""
     from pyibp.data import loader, mnist5k
-    from pyibp.training import FGSMTraining, Standard, train_epoch
+    from pyibp.training import Standard, train_epoch
 
     torch.manual_seed(0)
     train, _ = mnist5k()
@@ -212,26 +212,20 @@ def fgsm_trained_cnn(epochs: int, eps: float) -> nn.Module:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     train_epoch(model, Standard(), batches, opt, quiet=True)
     for _ in range(epochs):
-        train_epoch(model, FGSMTraining(eps), batches, opt, quiet=True, generator=torch.Generator().manual_seed(0))
+        train_epoch(model, method, batches, opt, quiet=True, generator=torch.Generator().manual_seed(0))
     return model.eval()
+
+
+def fgsm_trained_cnn(epochs: int, eps: float) -> nn.Module:
+    """FGSM training (random start, step 1.25 eps): see :func:`_adversarially_trained_cnn`."""
+    from pyibp.training import FGSMTraining
+    return _adversarially_trained_cnn(FGSMTraining(eps), epochs)
 
 
 def pgd_trained_cnn(epochs: int, eps: float) -> nn.Module:
-    """The tutorial CNN after one standard epoch and ``epochs`` of PGD-10 training (random start,
-    step eps / 4) on mnist-5k with Adam (lr 1e-3), seeded; in eval mode."""
-    from pyibp.data import loader, mnist5k
-    from pyibp.training import PGDTraining, Standard, train_epoch
-
-    torch.manual_seed(0)
-    train, _ = mnist5k()
-    model = tutorial_cnn()
-    batches = loader(train, 100, shuffle=True, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train_epoch(model, Standard(), batches, opt, quiet=True)
-    for _ in range(epochs):
-        train_epoch(model, PGDTraining(eps, alpha=eps / 4, steps=10), batches, opt, quiet=True,
-                    generator=torch.Generator().manual_seed(0))
-    return model.eval()
+    """PGD-10 training (random start, step eps / 4): see :func:`_adversarially_trained_cnn`."""
+    from pyibp.training import PGDTraining
+    return _adversarially_trained_cnn(PGDTraining(eps, alpha=eps / 4, steps=10), epochs)
 
 
 def ibp_trained_cnn(epochs: int, eps: float) -> nn.Module:
